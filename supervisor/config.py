@@ -32,6 +32,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 MB = 1024 * 1024
 
+# Secrets of the worker itself: never echoed in errors, never passed on to ComfyUI's process tree.
+WORKER_SECRETS = frozenset({"API_KEY", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY"})
+
 
 class ConfigError(ValueError):
     """One or more environment variables hold values the worker cannot use."""
@@ -232,6 +235,9 @@ class Settings:
     # --- logging ---------------------------------------------------------------------------------------
     log_level: str = "INFO"
 
+    # The environment ComfyUI is started with: the worker's own, minus the worker's secrets.
+    child_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
     @property
     def comfyui_url(self) -> str:
         host = self.comfyui_host
@@ -322,6 +328,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         job_retention_s=r.number("JOB_RETENTION_S", 3600.0, lo=0),
         endpoint_id=r.raw("RUNPOD_ENDPOINT_ID"),
         log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+        child_env={k: v for k, v in r.env.items() if k not in WORKER_SECRETS},
     )
     if s.restart_backoff_max_s < s.restart_backoff_s:
         r.problems.append(
