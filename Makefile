@@ -22,4 +22,9 @@ venv: $(VENV)/.installed ## Create or reuse the virtual environment with the wor
 test: venv ## Run the test suite (creates the virtual environment on first use)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-.PHONY: help venv test
+dev: venv ## Run the worker on this machine (no GPU) against the stand-in ComfyUI in tests/standin
+	@echo ">> worker in self-hosted mode on http://127.0.0.1:$${API_PORT:-8000}, ComfyUI = the stand-in (tests/standin)"
+	COMFYUI_DIR=tests/standin COMFYUI_ARGS="--cpu" DATA_DIR=data/dev MODELS_DIR=data/dev/models \
+	WORKER_MODE=http STATE_FILE=data/dev/state.json $(PY) -m supervisor
+
+.PHONY: help venv test dev
