@@ -167,14 +167,17 @@ def _sniff(data: bytes) -> str:
     if head.startswith((b"{", b"[")):
         return "it is JSON"
     try:
-        data[:256].decode("utf-8")
-        return "it is text"
+        text = data[:256].decode("utf-8")
     except UnicodeDecodeError:
-        return f"its first bytes are {data[:8].hex()}"
+        text = ""
+    if text and all(c.isprintable() or c.isspace() for c in text):
+        return "it is text"
+    return f"its first bytes are {data[:8].hex()}"
 
 
 def _mb(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MB"
+    """A size for messages: bytes below 1 MB, else MB with one decimal."""
+    return f"{n} bytes" if n < 1024 * 1024 else f"{n / (1024 * 1024):.1f} MB"
 
 
 # --- resolving a request's images ------------------------------------------------------------------------

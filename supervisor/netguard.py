@@ -85,9 +85,10 @@ def redact_url(url: str | URL) -> str:
     """The URL for messages and logs: no user:password, no query string or fragment (they may hold tokens)."""
     try:
         u = URL(str(url))
-        shown = u.with_user(None).with_password(None).with_query(None).with_fragment(None)
-        text = str(shown)
-        return text + ("?..." if u.query_string else "")
+        shown = u.with_query(None).with_fragment(None)
+        if u.user is not None or u.password is not None:
+            shown = shown.with_user(None)
+        return str(shown) + ("?..." if u.query_string else "")
     except (ValueError, TypeError):
         return "<unparseable URL>"
 
@@ -310,4 +311,5 @@ async def _read_capped(resp: aiohttp.ClientResponse, max_bytes: int, url: str) -
 
 
 def _mb(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MB"
+    """A size for messages: bytes below 1 MB, else MB with one decimal."""
+    return f"{n} bytes" if n < 1024 * 1024 else f"{n / (1024 * 1024):.1f} MB"

@@ -1,0 +1,127 @@
+"""Test helpers of the job engine: real loopback HTTP servers, images, and a ComfyHandle over the stand-in.
+
+Everything here is real: servers listen on 127.0.0.1 sockets, images are encoded by Pillow, the stand-in
+is a real process. Fixtures are plain functions/async context managers so tests import what they need
+(conftest.py is not ours to edit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import io
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from PIL import Image
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (16, 16), fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LoopbackServer:
+    """A real aiohttp server on 127.0.0.1 with a log of the paths it was asked for."""
+
+    port: int
+    hits: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+
+@contextlib.asynccontextmanager
+async def loopback_server(routes: dict[str, Handler], host: str = "127.0.0.1") -> AsyncIterator[LoopbackServer]:
+    """Serve ``routes`` (path -> handler, GET and POST) on a free port until the block ends."""
+    server = LoopbackServer(port=0)
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        server.hits.append(request.path_qs)
+        return await handler(request)
+
+    app = web.Application(middlewares=[record])
+    for path, handler in routes.items():
+        app.router.add_route("*", path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    server.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield server
+    finally:
+        await runner.cleanup()
+
+
+def static(body: bytes, content_type: str = "application/octet-stream", status: int = 200) -> Handler:
+    async def handler(_request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type=content_type, status=status)
+
+    return handler
+
+
+def redirect(to: str | Callable[[], str], status: int = 302) -> Handler:
+    async def handler(_request: web.Request) -> web.StreamResponse:
+        target = to() if callable(to) else to
+        return web.Response(status=status, headers={"Location": target})
+
+    return handler
+
+
+def slow(delay_s: float, body: bytes = b"late") -> Handler:
+    async def handler(_request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(delay_s)
+        return web.Response(body=body)
+
+    return handler
+
+
+def streamed(chunks: int, chunk: bytes) -> Handler:
+    """A chunked response without Content-Length, so only a cap while reading can stop it."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for _ in range(chunks):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    return handler
+
+
+def json_response(body: Any) -> Handler:
+    async def handler(_request: web.Request) -> web.StreamResponse:
+        return web.json_response(body)
+
+    return handler
