@@ -125,3 +125,46 @@ def json_response(body: Any) -> Handler:
         return web.json_response(body)
 
     return handler
+
+
+@contextlib.contextmanager
+def moto_s3_server() -> Any:
+    """A real S3-protocol server (moto in server mode) as its own process on 127.0.0.1; yields its URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def make_bucket(endpoint: str, bucket: str, key_id: str = "test-key-id", secret: str = "test-secret-key") -> None:
+    import boto3
+
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint, aws_access_key_id=key_id,
+                                            aws_secret_access_key=secret, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    client.close()
