@@ -1,0 +1,1 @@
+"""Shared test helpers (the stand-in ComfyUI harness lives in ``tests.helpers.standin``)."""

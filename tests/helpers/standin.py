@@ -1,0 +1,206 @@
+"""Harness: run the stand-in ComfyUI (tests/standin/main.py) as a real process on a free port.
+
+    sd = start_standin(tmp_path, env={"STANDIN_STEP_DELAY_S": "0.2"}, models={"checkpoints": ["sd15.safetensors"]})
+    ... talk to sd.url ...
+    sd.stop()
+
+The process runs in its own process group (so ``stop()`` also reaches children such as the
+STANDIN_SPAWN_GRANDCHILD one), with every ComfyUI directory under ``tmp_path`` and a request log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STANDIN_DIR = Path(__file__).resolve().parents[1] / "standin"
+STANDIN_MAIN = STANDIN_DIR / "main.py"
+
+# Folder keys the generated extra_model_paths.yaml always maps to <models_dir>/<key>.
+DEFAULT_MODEL_KEYS = ("checkpoints", "loras", "vae", "text_encoders", "diffusion_models", "clip_vision",
+                      "ipadapter", "embeddings", "upscale_models", "controlnet", "vae_approx")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (bind to 0 and release)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class StandIn:
+    """A running stand-in process and the directories it was given."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen
+    input_dir: Path
+    output_dir: Path
+    temp_dir: Path  # ComfyUI's temp dir (``--temp-directory X`` means ``X/temp``)
+    user_dir: Path
+    models_dir: Path
+    log_path: Path
+    request_log_path: Path
+    extra_model_paths: Path
+    argv: list[str] = field(default_factory=list)
+
+    def requests(self) -> list[dict]:
+        """The parsed STANDIN_REQUEST_LOG lines (one per HTTP request / ws connect)."""
+        try:
+            lines = self.request_log_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def log_text(self) -> str:
+        """Everything the process wrote to stdout and stderr so far."""
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self, timeout: float = 15.0) -> float:
+        """Poll GET /system_stats until 200; returns the seconds it took. Raises if the process dies."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stand-in exited with {self.proc.returncode} before serving:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/system_stats", timeout=1) as resp:
+                    if resp.status == 200:
+                        return time.monotonic() - started
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"stand-in not ready after {timeout}s:\n{self.log_text()}")
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGINT the group, wait for a clean exit, then SIGKILL whatever is left of the group."""
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.proc.returncode
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def write_model_file(path: Path) -> None:
+    """A tiny stand-in model file; ``.safetensors`` get a valid header with ``__metadata__``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        header = json.dumps({"__metadata__": {"standin": path.name}}).encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+    else:
+        path.write_bytes(b"standin-model:" + path.name.encode())
+
+
+def _yaml_lines(models_dir: Path, keys: Iterable[str], custom_node_roots: list[Path]) -> list[str]:
+    lines = ["standin:", f"  base_path: {models_dir}"]
+    lines += [f"  {key}: {key}" for key in keys]
+    if custom_node_roots:
+        lines.append("  custom_nodes: |")
+        lines += [f"    {root}" for root in custom_node_roots]
+    return lines
+
+
+def _install_custom_nodes(root: Path, custom_node_dirs: Iterable[os.PathLike | str]) -> list[Path]:
+    """Packs (a dir with __init__.py, or a .py file) are copied into ``root``; other dirs are roots."""
+    roots: list[Path] = []
+    for entry in custom_node_dirs:
+        src = Path(entry)
+        if src.is_file() or (src / "__init__.py").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            dst = root / src.name
+            if src.is_file():
+                shutil.copy2(src, dst)
+            else:
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            if root not in roots:
+                roots.append(root)
+        else:
+            roots.append(src)
+    return roots
+
+
+def start_standin(tmp_path: Path, *, env: Mapping[str, str | None] | None = None, extra_args: Iterable[str] = (),
+                  models: Mapping[str, list[str]] | None = None,
+                  custom_node_dirs: Iterable[os.PathLike | str] = (), wait: bool = True,
+                  timeout: float = 15.0) -> StandIn:
+    """Start ``python tests/standin/main.py`` with ComfyUI-style flags under ``tmp_path``.
+
+    ``models`` maps folder keys to file names created under ``<models_dir>/<key>/``; ``env`` entries
+    override (None removes) the inherited environment, e.g. the STANDIN_* fault knobs.
+    """
+    base = Path(tmp_path) / f"standin-{time.monotonic_ns()}"
+    input_dir, output_dir, temp_base, user_dir, models_dir = (base / n for n in
+                                                               ("input", "output", "tmp", "user", "models"))
+    for d in (input_dir, output_dir, temp_base, user_dir, models_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    keys = list(DEFAULT_MODEL_KEYS)
+    for key, names in (models or {}).items():
+        if key not in keys:
+            keys.append(key)
+        for name in names:
+            write_model_file(models_dir / key / name)
+    roots = _install_custom_nodes(base / "custom_nodes", custom_node_dirs)
+    yaml_path = base / "extra_model_paths.yaml"
+    yaml_path.write_text("\n".join(_yaml_lines(models_dir, keys, roots)) + "\n", encoding="utf-8")
+
+    port = free_port()
+    request_log = base / "requests.jsonl"
+    log_path = base / "standin.log"
+    argv = [sys.executable, str(STANDIN_MAIN), "--listen", "127.0.0.1", "--port", str(port), "--cpu",
+            "--disable-auto-launch", "--output-directory", str(output_dir), "--input-directory", str(input_dir),
+            "--temp-directory", str(temp_base), "--user-directory", str(user_dir),
+            "--database-url", f"sqlite:///{base / 'comfyui.db'}", "--extra-model-paths-config", str(yaml_path),
+            *extra_args]
+    child_env = dict(os.environ)
+    child_env["STANDIN_REQUEST_LOG"] = str(request_log)
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    for k, v in (env or {}).items():
+        if v is None:
+            child_env.pop(k, None)
+        else:
+            child_env[k] = str(v)
+    log_file = open(log_path, "wb")  # noqa: SIM115 - the child keeps writing after we return
+    try:
+        proc = subprocess.Popen(argv, cwd=str(base), env=child_env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        log_file.close()
+    sd = StandIn(url=f"http://127.0.0.1:{port}", port=port, proc=proc, input_dir=input_dir, output_dir=output_dir,
+                 temp_dir=temp_base / "temp", user_dir=user_dir, models_dir=models_dir, log_path=log_path,
+                 request_log_path=request_log, extra_model_paths=yaml_path, argv=argv)
+    if wait:
+        try:
+            sd.wait_ready(timeout)
+        except BaseException:
+            sd.stop()
+            raise
+    return sd
