@@ -142,6 +142,7 @@ class ComfyProcess:
 
     async def _terminate(self, tree: set[psutil.Process], timeout: float) -> None:
         _send(tree, signal.SIGTERM)
+        _send(tree, signal.SIGCONT)  # a stopped process only acts on the pending SIGTERM once continued
         alive = await self._wait_gone(tree, timeout)
         alive |= await self._tree()
         if alive:

@@ -389,10 +389,10 @@ class ComfySupervisor:
             self._record_exit(self._crash_info(generation, proc, status, "stopped"))
             return None
         if outcome == "killed as hung":
-            log.error(
-                "ComfyUI (pid %d) did not answer %d health probes in a row; killing its process tree",
-                proc.pid, s.health_failures,
-            )  # fmt: skip
+            self._set_state(State.RESTARTING, f"ComfyUI (pid {proc.pid}) did not answer {s.health_failures} "
+                            "health probes in a row; killing its process tree")
+        else:
+            self._set_state(State.RESTARTING, f"ComfyUI (pid {proc.pid}) {outcome}")
         status = await proc.kill(min(s.stop_timeout_s, 3.0))  # also reaps descendants of an exited process
         info = self._crash_info(generation, proc, status, outcome)
         self._record_exit(info)
@@ -415,7 +415,9 @@ class ComfySupervisor:
             self._fail(f"ComfyUI failed {count} {times} within {s.crash_loop_window_s:g} s; giving up. Last: {what}")
             return None
         delay = 0.0 if count == 1 else min(s.restart_backoff_s * 2 ** (count - 2), s.restart_backoff_max_s)
-        self._set_state(State.RESTARTING, f"{what}; restarting in {delay:g} s (failure {count} of {s.crash_loop_max})")
+        message = f"{what}; restarting in {delay:g} s (failure {count} of {s.crash_loop_max})"
+        log.warning("%s", message)
+        self._set_state(State.RESTARTING, message)
         return delay
 
     def _fail(self, reason: str, *, with_log: bool = True) -> None:
