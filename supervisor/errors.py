@@ -9,6 +9,8 @@ error carries:
   ("Workflow validation failed: ...", "Workflow execution error: ...", "Failed to upload one or more input
   images: ...", "ComfyUI server (host:port) not reachable ...");
 * ``problems`` -- one line per problem when there are several (the message then says how many);
+* ``warnings`` -- non-fatal findings of the same job, which often explain the failure (an input the node
+  does not have, so ComfyUI ignored it);
 * ``details``  -- structured extras for logs and debugging (node ids, exception types, log lines). Never
   secrets: nothing here may hold bucket keys or request credentials.
 
@@ -41,6 +43,7 @@ class JobError(Exception):
     ):
         self.message = " ".join(message.split())  # guaranteed one line
         self.head = head or self.message  # what describe() puts above a list of several problems
+        self.warnings: list[str] = []  # non-fatal findings of the same job (e.g. inputs ComfyUI ignores)
         self.problems: tuple[str, ...] = tuple(" ".join(p.split()) for p in problems)
         self.details: dict[str, Any] = dict(details or {})
         super().__init__(self.describe())
@@ -65,13 +68,16 @@ class JobError(Exception):
         text = self.message
         if len(self.problems) > 1:
             text = self.head + ":\n" + "\n".join(f"- {p}" for p in self.problems)
+        if self.warnings:
+            text += "\nWarnings:\n" + "\n".join(f"- {w}" for w in self.warnings)
         tail = self.details.get("log_tail")
         if tail:
             text += "\nComfyUI's last log lines:\n" + "\n".join(f"  {line}" for line in tail)
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "message": self.message, "problems": list(self.problems), "details": self.details}
+        return {"kind": self.kind, "message": self.message, "problems": list(self.problems),
+                "warnings": list(self.warnings), "details": self.details}
 
 
 class InvalidInputError(JobError):

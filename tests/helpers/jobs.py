@@ -12,9 +12,11 @@ import base64
 import contextlib
 import hashlib
 import io
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -168,3 +170,90 @@ def make_bucket(endpoint: str, bucket: str, key_id: str = "test-key-id", secret:
                                             aws_secret_access_key=secret, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
     client.close()
+
+
+# --- the engine on a real supervisor running the stand-in ----------------------------------------------
+
+SEEDS_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "seeds"
+
+
+def seed_body(name: str) -> dict[str, Any]:
+    """A seed fixture's job body (``{"input": ...}``)."""
+    return json.loads((SEEDS_DIR / name).read_text())
+
+
+def seed_models(*names: str) -> dict[str, list[str]]:
+    """The union of the model files the named seed fixtures need (tests/fixtures/seeds/models.json)."""
+    table = json.loads((SEEDS_DIR / "models.json").read_text())
+    merged: dict[str, list[str]] = {}
+    for name in names:
+        for key, files in table[name].items():
+            merged.setdefault(key, [])
+            merged[key] += [f for f in files if f not in merged[key]]
+    return merged
+
+
+@dataclass
+class Rig:
+    """A real ComfySupervisor running the stand-in, its settings, and what the tests look at."""
+
+    sup: Any
+    settings: Any
+    env: dict[str, str]
+    root: Path
+
+    @property
+    def request_log(self) -> Path:
+        return Path(self.env["STANDIN_REQUEST_LOG"])
+
+    def requests(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.request_log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def job_files(self) -> list[Path]:
+        """Every file left in ComfyUI's input, output and temp folders."""
+        data = Path(self.settings.data_dir)
+        return sorted(p for sub in ("input", "output", "temp") for p in (data / sub).rglob("*") if p.is_file())
+
+    def engine(self, **changes: Any) -> Any:
+        from supervisor.jobs import JobEngine
+
+        return JobEngine(self.settings.replace(**changes) if changes else self.settings, self.sup)
+
+    def comfy_get(self, path: str) -> Any:
+        import urllib.request
+
+        with urllib.request.urlopen(self.sup.base_url + path, timeout=5) as resp:
+            return json.loads(resp.read() or b"null")
+
+
+@contextlib.contextmanager
+def supervisor_rig(tmp_path: Path, *, models: dict[str, list[str]] | None = None, **env: Any) -> Any:
+    """Start a real ComfySupervisor on the stand-in with ``env`` (STANDIN_* knobs, worker settings)."""
+    import time
+
+    from tests.helpers.standin import write_model_file
+    from tests.helpers.worker import running_supervisor, settings_for, worker_env
+
+    root = Path(tmp_path)
+    for key, names in (models or {}).items():
+        for name in names:
+            write_model_file(root / "models" / key / name)
+    full_env = worker_env(root, STANDIN_REQUEST_LOG=str(root / "requests.jsonl"), WEBSOCKET_RECONNECT_DELAY_S="0.2",
+                          WEBSOCKET_RECONNECT_ATTEMPTS="3", PROGRESS_INTERVAL_S="0", **env)
+    with running_supervisor(full_env) as sup:
+        deadline = time.monotonic() + 30
+        while not sup.status().state.serving:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"supervisor not serving: {sup.status()} {sup.log_tail(40)}")
+            time.sleep(0.02)
+        yield Rig(sup=sup, settings=settings_for(full_env), env=full_env, root=root)
+
+
+def decode_png(data_b64: str) -> Image.Image:
+    img = Image.open(io.BytesIO(base64.b64decode(data_b64)))
+    img.load()
+    return img
