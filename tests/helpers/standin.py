@@ -151,11 +151,14 @@ def _install_custom_nodes(root: Path, custom_node_dirs: Iterable[os.PathLike | s
 def start_standin(tmp_path: Path, *, env: Mapping[str, str | None] | None = None, extra_args: Iterable[str] = (),
                   models: Mapping[str, list[str]] | None = None,
                   custom_node_dirs: Iterable[os.PathLike | str] = (), wait: bool = True,
-                  timeout: float = 15.0) -> StandIn:
+                  timeout: float = 15.0, use_extra_model_paths: bool = True) -> StandIn:
     """Start ``python tests/standin/main.py`` with ComfyUI-style flags under ``tmp_path``.
 
     ``models`` maps folder keys to file names created under ``<models_dir>/<key>/``; ``env`` entries
     override (None removes) the inherited environment, e.g. the STANDIN_* fault knobs.
+    ``custom_node_dirs``: pack directories / .py files (copied into a custom_nodes root the yaml names) or
+    custom_nodes roots. ``use_extra_model_paths=False`` starts it with exactly the flags of the reference
+    recording (no ``--extra-model-paths-config``; ``models``/``custom_node_dirs`` are then not wired in).
     """
     base = Path(tmp_path) / f"standin-{time.monotonic_ns()}"
     input_dir, output_dir, temp_base, user_dir, models_dir = (base / n for n in
@@ -178,8 +181,10 @@ def start_standin(tmp_path: Path, *, env: Mapping[str, str | None] | None = None
     argv = [sys.executable, str(STANDIN_MAIN), "--listen", "127.0.0.1", "--port", str(port), "--cpu",
             "--disable-auto-launch", "--output-directory", str(output_dir), "--input-directory", str(input_dir),
             "--temp-directory", str(temp_base), "--user-directory", str(user_dir),
-            "--database-url", f"sqlite:///{base / 'comfyui.db'}", "--extra-model-paths-config", str(yaml_path),
-            *extra_args]
+            "--database-url", f"sqlite:///{base / 'comfyui.db'}"]
+    if use_extra_model_paths:
+        argv += ["--extra-model-paths-config", str(yaml_path)]
+    argv += list(extra_args)
     child_env = dict(os.environ)
     child_env["STANDIN_REQUEST_LOG"] = str(request_log)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -204,3 +209,132 @@ def start_standin(tmp_path: Path, *, env: Mapping[str, str | None] | None = None
             sd.stop()
             raise
     return sd
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reference transcripts (tests/fixtures/reference): loading, replaying, structural comparison.
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
+TRANSCRIPTS_DIR = REFERENCE_DIR / "comfyui-transcripts"
+
+# Keys whose values legitimately differ between the recording and any other run: generated ids,
+# clocks, tracebacks, machine memory and interpreter details. Only their JSON type is compared.
+VARYING_KEYS = frozenset({"prompt_id", "timestamp", "sid", "traceback", "ram_total", "ram_free", "vram_total",
+                          "vram_free", "torch_vram_total", "torch_vram_free", "python_version", "argv"})
+
+
+def load_transcript(name: str) -> list[dict]:
+    """The recorded events of one transcript file (``a_emptyimage_saveimage`` or with ``.json``)."""
+    if not name.endswith(".json"):
+        name += ".json"
+    return json.loads((TRANSCRIPTS_DIR / name).read_text(encoding="utf-8"))
+
+
+def transcript_cases(events: list[dict]) -> dict[str, list[dict]]:
+    """Split a transcript at its ``note`` events ``case <name>`` into ``{name: [events...]}``."""
+    cases: dict[str, list[dict]] = {}
+    current: list[dict] | None = None
+    for event in events:
+        if event["kind"] == "note" and str(event.get("text", "")).startswith("case "):
+            current = cases.setdefault(event["text"][5:], [])
+        elif current is not None:
+            current.append(event)
+    return cases
+
+
+def http_events(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["kind"] == "http"]
+
+
+def ws_messages(events: list[dict]) -> list[dict]:
+    return [e["msg"] for e in events if e["kind"] == "ws_text"]
+
+
+def substitute(value, mapping: Mapping[str, str]):
+    """Rewrite recorded absolute paths (``/opt/ComfyUI``, ``/data/...``) to this run's, recursively."""
+    if isinstance(value, str):
+        for old, new in mapping.items():
+            if value == old or value.startswith(old + "/"):
+                return new + value[len(old):]
+        return value
+    if isinstance(value, list):
+        return [substitute(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute(v, mapping) for k, v in value.items()}
+    return value
+
+
+def path_mapping(sd: StandIn) -> dict[str, str]:
+    """The recording ran with ComfyUI in /opt/ComfyUI and --output/--input/--temp dirs under /data."""
+    return {"/opt/ComfyUI": str(STANDIN_DIR), "/data/output": str(sd.output_dir), "/data/input": str(sd.input_dir),
+            "/data/user": str(sd.user_dir), "/data/temp": str(sd.temp_dir)}
+
+
+def diff_structure(actual, expected, *, varying: frozenset[str] = VARYING_KEYS, path: str = "$",
+                   check_order: bool = True) -> list[str]:
+    """Differences between two JSON values: same keys (and key order), same list lengths, equal scalars;
+    keys in ``varying`` only need the same JSON type. Returns human-readable paths of every mismatch."""
+    problems: list[str] = []
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: expected object, got {type(actual).__name__}: {actual!r:.200}"]
+        if set(actual) != set(expected):
+            problems.append(f"{path}: keys differ: missing {sorted(set(expected) - set(actual))}, "
+                            f"extra {sorted(set(actual) - set(expected))}")
+        elif check_order and list(actual) != list(expected):
+            problems.append(f"{path}: key order {list(actual)} != {list(expected)}")
+        for key in expected:
+            if key not in actual:
+                continue
+            if key in varying:
+                if _json_type(actual[key]) != _json_type(expected[key]):
+                    problems.append(f"{path}.{key}: type {_json_type(actual[key])} != {_json_type(expected[key])}")
+                continue
+            problems += diff_structure(actual[key], expected[key], varying=varying, path=f"{path}.{key}",
+                                       check_order=check_order)
+        return problems
+    if isinstance(expected, list):
+        if not isinstance(actual, list):
+            return [f"{path}: expected list, got {actual!r:.200}"]
+        if len(actual) != len(expected):
+            return [f"{path}: length {len(actual)} != {len(expected)}: {actual!r:.300} vs {expected!r:.300}"]
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            problems += diff_structure(a, e, varying=varying, path=f"{path}[{i}]", check_order=check_order)
+        return problems
+    if _json_type(actual) != _json_type(expected) or actual != expected:
+        problems.append(f"{path}: {actual!r:.300} != {expected!r:.300}")
+    return problems
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+async def replay_request(session, base_url: str, request: Mapping) -> tuple[int, str | None, object, bytes]:
+    """Send a recorded HTTP request (json / raw_body / headers) with an aiohttp session.
+
+    Returns (status, content type or None, parsed JSON or text, raw body). Multipart requests are not
+    replayable byte-for-byte (the recording kept no file bytes); callers build those themselves.
+    """
+    kwargs: dict = {}
+    headers = dict(request.get("headers") or {})
+    if "json" in request:
+        kwargs["json"] = request["json"]
+    elif "raw_body" in request:
+        kwargs["data"] = request["raw_body"].encode()
+        headers["Content-Type"] = request.get("content_type") or "application/octet-stream"
+    if headers:
+        kwargs["headers"] = headers
+    async with session.request(request["method"], base_url + request["path"], **kwargs) as resp:
+        raw = await resp.read()
+        content_type = resp.headers.get("Content-Type")
+        body: object = raw.decode("utf-8", errors="replace")
+        if resp.content_type == "application/json" and raw:
+            body = json.loads(raw)
+        return resp.status, content_type, body, raw
