@@ -1,0 +1,213 @@
+"""Session fixtures of the image test: engine, base image, hub server with a token, git node pack, the build.
+
+Everything expensive happens once per session: one test build (a few minutes from a cold engine, seconds
+when BuildKit's cache is warm), one long-running worker container shared by the checks that need it.
+Without an engine the tests skip with the way to get one -- except under CI (CI=true), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.hubserver.harness import HubServer, payload, sha256_of
+from tests.image.imagekit import (
+    BASE_TAG,
+    DOCKER_CLI,
+    IMAGE,
+    PACK_CLASS,
+    ROOT,
+    Build,
+    GitPackServer,
+    make_build_args,
+    run_build,
+    stage_context,
+)
+
+BUILD_TIMEOUT_S = 1200
+PRIVATE_REPO = "acme/private-models"
+PUBLIC_REPO = "acme/public-models"
+HEALTH_INTERVAL_NS = 500_000_000  # the image's own HEALTHCHECK command, probed faster than its 10 s default
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(why: str) -> None:
+    """No engine: a skip with the way to get one, but a failure under CI, where the engine must be there."""
+    how = "start one with: docker/ci/engine.sh install && docker/ci/engine.sh start (root, Debian 12)"
+    if in_ci():
+        pytest.fail(f"image tests cannot run under CI: {why}; {how}", pytrace=False)
+    pytest.skip(f"image tests need a Docker engine: {why}; {how}")
+
+
+@pytest.fixture(scope="session")
+def report(pytestconfig: pytest.Config) -> Callable[[str], None]:
+    """Write a progress line to the terminal now, past pytest's output capture (builds take minutes)."""
+    terminal = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def say(line: str) -> None:
+        if terminal is None or capture is None:
+            return
+        with capture.global_and_fixture_disabled():
+            terminal.write_line(f"  [image] {line}")
+
+    return say
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Any]:
+    if not Path(DOCKER_CLI).exists():
+        unavailable(f"no {DOCKER_CLI} (the engine's own client, whose BuildKit handles RUN --mount)")
+    import docker
+
+    try:
+        client = docker.from_env(timeout=600)
+        client.version()
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the engine means the same here
+        unavailable(f"no Docker engine answers ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def base_image(engine: Any, report: Callable[[str], None]) -> str:
+    """The debootstrap base, made once and cached in the engine (docker/ci/base-image.sh)."""
+    report(f"base image {BASE_TAG} (made with debootstrap when missing, ~40 s)")
+    proc = subprocess.run(["bash", str(ROOT / "docker/ci/base-image.sh")], text=True, capture_output=True,
+                          env={**os.environ, "DOCKER": DOCKER_CLI, "BASE_TAG": BASE_TAG}, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"the base image {BASE_TAG} could not be made\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}",
+                    pytrace=False)
+    report(proc.stdout.strip().splitlines()[-1])
+    return BASE_TAG
+
+
+@dataclass
+class Hub:
+    server: HubServer
+    token: str
+    files: dict[str, tuple[str, bytes]]  # destination (folder/filename) -> (sha256, content)
+    private_path: str  # the resolve path of the private file, for the 401 check
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """The manifest issue's hub server on 127.0.0.1, with a private repository that needs a random token."""
+    token = secrets.token_urlsafe(32)
+    server = HubServer(tmp_path_factory.mktemp("hub"), token=token, private=(PRIVATE_REPO,))
+    ckpt, lora = payload(96 * 1024, seed=7), payload(3 * 1024, seed=8)
+    server.add_hf(PRIVATE_REPO, "image-test.safetensors", ckpt)
+    server.add_hf(PUBLIC_REPO, "loras/image-test-lora.safetensors", lora)
+    with server:
+        yield Hub(server=server, token=token,
+                  files={"checkpoints/image-test.safetensors": (sha256_of(ckpt), ckpt),
+                         "loras/image-test-lora.safetensors": (sha256_of(lora), lora)},
+                  private_path=f"/{PRIVATE_REPO}/resolve/main/image-test.safetensors")
+
+
+@pytest.fixture(scope="session")
+def pack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitPackServer]:
+    server = GitPackServer(tmp_path_factory.mktemp("gitpack")).start()
+    yield server
+    server.stop()
+
+
+def models_yaml(hub: Hub) -> str:
+    lora_sha = hub.files["loras/image-test-lora.safetensors"][0]
+    return f"""# models.yaml of the image test: served by the loopback hub server (HF_ENDPOINT build arg)
+version: 1
+models:
+  - name: image-test-checkpoint
+    folder: checkpoints
+    filename: image-test.safetensors
+    hf: {{repo: {PRIVATE_REPO}, file: image-test.safetensors, revision: main}}
+    secret: HF_TOKEN
+  - name: image-test-lora
+    folder: loras
+    filename: image-test-lora.safetensors
+    hf: {{repo: {PUBLIC_REPO}, file: loras/image-test-lora.safetensors, revision: main}}
+    sha256: "{lora_sha}"
+"""
+
+
+@dataclass
+class ImageUnderTest:
+    ref: str
+    context: Path
+    build: Build
+    make_cmd: list[str]
+    token_file: Path
+    workdir: Path
+
+
+@pytest.fixture(scope="session")
+def image(engine: Any, base_image: str, hub: Hub, pack: GitPackServer, tmp_path_factory: pytest.TempPathFactory,
+          report: Callable[[str], None]) -> Iterator[ImageUnderTest]:
+    """The test variant of docker/Dockerfile, built with `make build` (BuildKit, --network host)."""
+    work = tmp_path_factory.mktemp("image")
+    context = stage_context(work / "context", models_yaml(hub), f"{pack.url}@{pack.commit}\n")
+    token_file = work / "hf_token"
+    token_file.write_text(hub.token)
+    token_file.chmod(0o600)
+    tag = f"t{uuid.uuid4().hex[:10]}"
+    cmd = make_build_args(context, tag, hub.server.endpoint, token_file)
+    report(f"building {IMAGE}:{tag} (log: {work / 'build.log'})")
+    build = run_build(cmd, work / "build.log", report, BUILD_TIMEOUT_S)
+    if not build.ok:
+        pytest.fail(f"the test image did not build (exit {build.returncode}, {build.seconds:.0f} s); "
+                    f"last lines of {work / 'build.log'}:\n{build.tail()}", pytrace=False)
+    report(f"built {IMAGE}:{tag} in {build.seconds:.1f} s")
+    under_test = ImageUnderTest(ref=f"{IMAGE}:{tag}", context=context, build=build, make_cmd=cmd,
+                                token_file=token_file, workdir=work)
+    yield under_test
+    for ref in (under_test.ref, f"{IMAGE}:{tag}-rebuild"):
+        try:
+            engine.images.remove(ref, noprune=False)
+        except Exception:  # noqa: BLE001 - already gone, or still used by a container being removed
+            pass
+
+
+def healthcheck_fast(image_ref: str, engine: Any) -> dict[str, Any]:
+    """The image's own HEALTHCHECK command, with test timings (the command is what is under test)."""
+    test = engine.images.get(image_ref).attrs["Config"]["Healthcheck"]["Test"]
+    return {"test": test, "interval": HEALTH_INTERVAL_NS, "timeout": 10_000_000_000, "retries": 2,
+            "start_period": 1_000_000}
+
+
+@dataclass
+class Worker:
+    container: Any
+    api_key: str
+    api_url: str
+
+
+@pytest.fixture(scope="session")
+def worker(engine: Any, image: ImageUnderTest, report: Callable[[str], None]) -> Iterator[Worker]:
+    """The image running as users run it self-hosted (API on port 8000, API_KEY set), on the stand-in."""
+    api_key = secrets.token_urlsafe(24)
+    container = engine.containers.run(
+        image.ref, detach=True, name=f"imagetest-worker-{uuid.uuid4().hex[:8]}",
+        environment={"WORKER_MODE": "http", "API_KEY": api_key, "REQUIRED_NODES": PACK_CLASS,
+                     "COMFYUI_ARGS": "--cpu", "LOG_LEVEL": "INFO"},
+        ports={"8000/tcp": ("127.0.0.1", None)}, healthcheck=healthcheck_fast(image.ref, engine))
+    try:
+        container.reload()
+        port = container.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"]
+        report(f"worker container {container.name} on 127.0.0.1:{port}")
+        yield Worker(container=container, api_key=api_key, api_url=f"http://127.0.0.1:{port}")
+    finally:
+        try:
+            container.stop(timeout=20)
+        finally:
+            container.remove(force=True)

@@ -1,0 +1,255 @@
+"""Pieces of the image test: the engine, the staged build context, a git server for a node pack, the build.
+
+The test builds the real ``docker/Dockerfile`` through the real ``make build`` with a test variant's variables:
+the local debootstrap base (no registry here), no torch, the stand-in as ComfyUI, models from the loopback hub
+server, a node pack from a local git repository. The build runs with ``--network host`` so that its RUN steps
+reach both servers on the host's 127.0.0.1. The context is a staged copy of the repository (so the code-only
+rebuild check can change a file without touching the working tree).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER_CLI = "/usr/bin/docker"  # the engine's own 20.10 client: its built-in BuildKit handles RUN --mount
+BASE_TAG = "local/bookworm:base"
+IMAGE = "comfyui-worker-imagetest"
+
+# What the stand-in needs in ComfyUI's venv (same pins as the worker's, so pip's cache serves both venvs).
+STANDIN_PACKAGES = "requests aiohttp==3.14.5 Pillow==13.0.0 PyYAML==6.0.3"
+
+# The node pack served from a local git repository: one node class that passes an image through.
+PACK_NAME = "ComfyUI-ImageTestPack"
+PACK_CLASS = "ImageTestPassThrough"
+PACK_INIT = f'''"""A node pack made by the image test: proves install_nodes.py cloned it at its pinned commit."""
+
+
+class {PACK_CLASS}:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{"images": ("IMAGE",)}}}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = "image-test"
+
+    def run(self, images):
+        return (images,)
+
+
+NODE_CLASS_MAPPINGS = {{"{PACK_CLASS}": {PACK_CLASS}}}
+NODE_DISPLAY_NAME_MAPPINGS = {{"{PACK_CLASS}": "Image test pass-through"}}
+'''
+
+
+def run(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=True, text=True, capture_output=True, **kw)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    """Poll until ``predicate()`` is truthy; fail with ``what`` (a callable gives the latest detail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------------------------------------ context
+
+
+def stage_context(dest: Path, models_yaml: str, custom_nodes_txt: str) -> Path:
+    """A copy of what the Dockerfile needs, laid out like the repository, with the test's two manifests."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    dest.mkdir(parents=True)
+    for sub in ("docker", "supervisor", "scripts", "workflows", "tests/standin"):
+        if (ROOT / sub).is_dir():
+            shutil.copytree(ROOT / sub, dest / sub, ignore=ignore)
+    for name in ("pyproject.toml", ".dockerignore"):
+        shutil.copy2(ROOT / name, dest / name)
+    (dest / "models.yaml").write_text(models_yaml)
+    (dest / "custom_nodes.txt").write_text(custom_nodes_txt)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------ git pack
+
+
+class GitPackServer:
+    """A bare git repository with one node pack, served over git's dumb HTTP protocol on 127.0.0.1."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.commit = ""
+        self._server: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> GitPackServer:
+        work = self.root / "work"
+        bare = self.root / "serve" / f"{PACK_NAME}.git"
+        work.mkdir(parents=True)
+        (work / "__init__.py").write_text(PACK_INIT)
+        (work / "requirements.txt").write_text("PyYAML\n")  # already in ComfyUI's venv: a no-op install
+        env = {**os.environ, "GIT_AUTHOR_NAME": "image test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+               "GIT_COMMITTER_NAME": "image test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+        run(["git", "init", "-q", "-b", "main", str(work)])
+        run(["git", "-C", str(work), "add", "-A"])
+        run(["git", "-C", str(work), "commit", "-q", "-m", "image test node pack"], env=env)
+        self.commit = run(["git", "-C", str(work), "rev-parse", "HEAD"]).stdout.strip()
+        # A second commit after the pinned one: the build must check out the pin, not the branch head.
+        (work / "LATER.txt").write_text("not at the pinned commit\n")
+        run(["git", "-C", str(work), "add", "-A"])
+        run(["git", "-C", str(work), "commit", "-q", "-m", "after the pin"], env=env)
+        run(["git", "clone", "-q", "--bare", str(work), str(bare)])
+        run(["git", "-C", str(bare), "update-server-info"])  # what the dumb HTTP protocol reads
+        handler = functools.partial(_QuietHandler, directory=str(self.root / "serve"))
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self._server.serve_forever, name="git-pack-http", daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}/{PACK_NAME}.git"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+@dataclass
+class Build:
+    tag: str
+    seconds: float
+    log: str
+    returncode: int
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.splitlines()[-lines:])
+
+
+def make_build_args(context: Path, tag: str, hub_endpoint: str, token_file: Path) -> list[str]:
+    """The `make build` command line of the test variant (the same target users run)."""
+    build_args = " ".join([
+        "--build-arg COMFYUI_SOURCE=local",
+        "--build-arg COMFYUI_LOCAL_DIR=tests/standin",
+        "--build-arg TORCH_PACKAGES=",
+        "--build-arg SYSTEM_PACKAGES=",
+        f"--build-arg 'COMFYUI_EXTRA_PACKAGES={STANDIN_PACKAGES}'",
+        f"--build-arg HF_ENDPOINT={hub_endpoint}",
+    ])
+    return ["make", "--no-print-directory", "-C", str(ROOT), "build",
+            f"DOCKER={DOCKER_CLI}", f"IMAGE={IMAGE}", f"TAG={tag}", f"BASE_IMAGE={BASE_TAG}",
+            f"CONTEXT={context}", "PROGRESS=plain", f"HF_TOKEN_FILE={token_file}",
+            "BUILD_FLAGS=--network host", f"BUILD_ARGS={build_args}"]
+
+
+def run_build(cmd: list[str], log_path: Path, report: Callable[[str], None], timeout_s: float) -> Build:
+    """Run the build, keep its whole log, report its steps as they start (long work shows progress)."""
+    tag = next(a.split("=", 1)[1] for a in cmd if a.startswith("TAG="))
+    started = time.monotonic()
+    lines: list[str] = []
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")}
+    with log_path.open("w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True, env=env) as proc:
+        assert proc.stdout is not None
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                lines.append(line.rstrip("\n"))
+                text = line.rstrip()
+                step = _step_title(text)
+                if step or text.startswith((">>", "make:", "build:")) or " >> " in text[:24]:
+                    report(f"[{time.monotonic() - started:5.0f}s] {step or text}")
+            proc.wait()
+        finally:
+            timer.cancel()
+    return Build(tag=tag, seconds=time.monotonic() - started, log="\n".join(lines), returncode=proc.returncode)
+
+
+def _step_title(line: str) -> str | None:
+    """'#12 [image 4/12] RUN ...' lines of the plain progress output (a step starts), shortened."""
+    if line.startswith("#") and " [" in line[:8] and "]" in line:
+        return line if len(line) <= 150 else line[:147] + "..."
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ inspection
+
+
+def image_layers(client: Any, ref: str) -> list[str]:
+    return list(client.images.get(ref).attrs["RootFS"]["Layers"])
+
+
+def scan_saved_image(client: Any, ref: str, needle: bytes, workdir: Path) -> tuple[list[str], list[str]]:
+    """`docker save REF` and search every file of the archive -- each layer's tar, the image config, the
+    manifest -- for ``needle``, streaming with an overlap so a match across chunk borders is found.
+    Returns (names of every file scanned, names of the files that contain the needle)."""
+    archive = workdir / "image.tar"
+    with archive.open("wb") as f:
+        for chunk in client.images.get(ref).save(named=True):
+            f.write(chunk)
+    scanned: list[str] = []
+    hits: list[str] = []
+    try:
+        with tarfile.open(archive) as outer:
+            for member in outer:
+                if not member.isfile():
+                    continue
+                scanned.append(member.name)
+                stream = outer.extractfile(member)
+                assert stream is not None
+                tail = b""
+                while chunk := stream.read(1 << 22):
+                    if needle in tail + chunk:
+                        hits.append(member.name)
+                        break
+                    tail = chunk[-len(needle):]
+    finally:
+        archive.unlink()
+    return scanned, hits
+
+
+def history_text(ref: str) -> str:
+    """`docker history --no-trunc` of the image, every column, as the CLI prints it."""
+    return run([DOCKER_CLI, "history", "--no-trunc", "--format", "{{json .}}", ref]).stdout
+
+
+def health(container: Any) -> dict[str, Any]:
+    container.reload()
+    return container.attrs["State"].get("Health") or {}
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=str)

@@ -1,0 +1,95 @@
+"""The Makefile's image targets, dry-run: the exact docker commands users get (no engine needed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+# The Makefile's variables (`?=`) take values from the environment: expect its defaults whatever the shell has.
+MAKE_VARS = ("DOCKER", "REGISTRY", "IMAGE", "TAG", "BASE_IMAGE", "COMFYUI_REF", "DOCKERFILE", "CONTEXT", "PROGRESS",
+             "HF_TOKEN_FILE", "CIVITAI_TOKEN_FILE", "BUILD_ARGS", "BUILD_FLAGS", "ENV_FILE", "DATA_VOLUME",
+             "HOST_ADDR", "PORT", "GPUS", "RUN_FLAGS", "CONTAINER", "MAKEFLAGS", "MFLAGS")
+ENV = {k: v for k, v in os.environ.items() if k not in MAKE_VARS}
+
+
+def make_n(*args: str) -> list[str]:
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(ROOT), *args], text=True,
+                          capture_output=True, timeout=30, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def docker_line(lines: list[str], verb: str) -> str:
+    found = [line for line in lines if re.search(rf"(^|\s)\S*docker {verb} ", line)]
+    assert len(found) == 1, lines
+    return found[0]
+
+
+def test_make_n_build_shows_the_exact_buildkit_command() -> None:
+    line = docker_line(make_n("build"), "build")
+    assert line == ("DOCKER_BUILDKIT=1 docker build --progress=auto -f docker/Dockerfile -t comfyui-worker:latest "
+                    "--build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 .")
+
+
+def test_build_variables_reach_the_command(tmp_path: Path) -> None:
+    token = tmp_path / "hf_token"
+    line = docker_line(make_n("build", "DOCKER=/usr/bin/docker", "REGISTRY=ghcr.io/acme", "IMAGE=worker",
+                              "TAG=v1", "BASE_IMAGE=local/bookworm:base", "COMFYUI_REF=v0.3.64",
+                              f"HF_TOKEN_FILE={token}", "CIVITAI_TOKEN_FILE=/run/civitai",
+                              "BUILD_ARGS=--build-arg TORCH_PACKAGES=", "BUILD_FLAGS=--network host"), "build")
+    assert line == ("DOCKER_BUILDKIT=1 /usr/bin/docker build --progress=auto -f docker/Dockerfile "
+                    "-t ghcr.io/acme/worker:v1 --build-arg BASE_IMAGE=local/bookworm:base "
+                    f"--build-arg COMFYUI_REF=v0.3.64 --secret id=HF_TOKEN,src={token} "
+                    "--secret id=CIVITAI_TOKEN,src=/run/civitai --build-arg TORCH_PACKAGES= --network host .")
+
+
+def test_a_missing_secret_file_stops_the_build_before_docker_runs(tmp_path: Path) -> None:
+    proc = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "build", "DOCKER=false",
+                           f"HF_TOKEN_FILE={tmp_path / 'missing'}"], text=True, capture_output=True, timeout=30, env=ENV)
+    assert proc.returncode != 0
+    assert f"build: the secret file {tmp_path / 'missing'} cannot be read" in proc.stderr
+
+
+def test_push_needs_a_registry_and_pushes_the_built_reference() -> None:
+    line = docker_line(make_n("push", "REGISTRY=docker.io/acme", "TAG=v2"), "push")
+    assert line == "docker push docker.io/acme/comfyui-worker:v2"
+    proc = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "push"], text=True,
+                          capture_output=True, timeout=30, env=ENV)
+    assert proc.returncode != 0 and "REGISTRY is not set" in proc.stderr
+
+
+def test_run_uses_gpus_ports_an_env_file_and_a_data_volume() -> None:
+    line = docker_line(make_n("run"), "run")
+    assert line == ("docker run --rm --name comfyui-worker --gpus all -p 127.0.0.1:8000:8000 --env-file .env "
+                    "-v comfyui-worker-data:/data comfyui-worker:latest")
+    line = docker_line(make_n("run", "GPUS=", "PORT=9000", "HOST_ADDR=0.0.0.0", "ENV_FILE=w.env",
+                              "DATA_VOLUME=/srv/worker"), "run")
+    assert "--gpus" not in line and "-p 0.0.0.0:9000:8000 --env-file w.env -v /srv/worker:/data" in line
+
+
+def test_every_image_target_says_what_it_does() -> None:
+    for target in ("build", "push REGISTRY=r", "run", "test-image"):
+        lines = make_n(*target.split())
+        assert any(line.startswith("echo \">> ") for line in lines), (target, lines)
+
+
+def test_the_dockerfile_keeps_to_the_builtin_frontend_and_its_contract() -> None:
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M), "a # syntax= line needs a frontend from a registry"
+    assert "<<" not in text, "heredoc RUN needs a newer frontend"
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\S*runtime", text, re.M)
+    assert re.search(r"^EXPOSE 8000$", text, re.M)
+    assert re.search(r"^USER worker$", text, re.M)
+    assert re.search(r'^ENTRYPOINT \[.*"-m", "supervisor"\]$', text, re.M)
+    assert re.search(r'^\s+CMD \[.*"-m", "supervisor.healthcheck"\]$', text, re.M)
+    # tokens only through secret mounts, never through ARG or ENV
+    assert not re.search(r"^(ARG|ENV)\s+\S*(TOKEN|KEY|SECRET)", text, re.M)
+    assert "--mount=type=secret,id=HF_TOKEN" in text and "--mount=type=cache" in text
+    # the worker's code is the last layer-making instruction
+    layer_making = [line.split()[0] for line in text.splitlines() if re.match(r"^(RUN|COPY|ADD)\b", line)]
+    last = [line for line in text.splitlines() if re.match(r"^(RUN|COPY|ADD)\b", line)][-1]
+    assert layer_making and last == "COPY supervisor/ /opt/worker/supervisor/"
