@@ -338,3 +338,181 @@ async def replay_request(session, base_url: str, request: Mapping) -> tuple[int,
         if resp.content_type == "application/json" and raw:
             body = json.loads(raw)
         return resp.status, content_type, body, raw
+
+
+class TranscriptReplayer:
+    """Replay one recorded session against a stand-in and compare everything it saw.
+
+    HTTP exchanges are replayed in order (recorded prompt ids are mapped to the ids this run returns;
+    recorded paths to this run's dirs); after a ``POST /prompt`` with a ``client_id`` it waits for that
+    prompt's end signal like the recording client did, and ``/history/{id}`` requests whose recorded answer
+    was non-empty are polled until the entry exists. ``comparisons`` collects human-readable problems;
+    ``ws_problems()`` compares the whole websocket stream with the recorded one at the end.
+    ``upload_bytes`` supplies the file bytes of the n-th multipart upload (the recording kept none).
+    """
+
+    def __init__(self, sd: StandIn, events: list[dict], upload_bytes=None, varying: frozenset[str] = VARYING_KEYS,
+                 normalise=None):
+        self.normalise = normalise or (lambda value: value)
+        self.sd = sd
+        self.events = events
+        self.upload_bytes = upload_bytes or (lambda index, part: b"")
+        self.varying = varying
+        self.id_map: dict[str, str] = {}
+        self.problems: list[str] = []
+        self.received: list[dict] = []
+        self._uploads = 0
+
+    def expected_ws(self) -> list[dict]:
+        return [self._map(m) for m in ws_messages(self.events)]
+
+    def _map(self, value):
+        value = substitute(value, path_mapping(self.sd))
+        return _replace_ids(value, self.id_map)
+
+    async def run(self, session) -> None:
+        import asyncio  # noqa: PLC0415
+        opens = [e for e in self.events if e["kind"] == "ws_open"]
+        ws = None
+        reader = None
+        if opens:
+            url = opens[0]["url"].split(" ")[0]
+            ws = await session.ws_connect(self.sd.url + url)
+            for sent in [e for e in self.events if e["kind"] == "ws_sent"][:1]:
+                await ws.send_json(sent["msg"])
+            reader = asyncio.ensure_future(self._read(ws))
+        try:
+            for event in http_events(self.events):
+                await self._exchange(session, event)
+            await asyncio.sleep(0.3)
+        finally:
+            if ws is not None:
+                await ws.close()
+            if reader is not None:
+                reader.cancel()
+
+    async def _read(self, ws) -> None:
+        async for msg in ws:
+            if msg.type.name == "TEXT":
+                self.received.append(json.loads(msg.data))
+
+    async def _wait_end(self, prompt_id: str, timeout: float = 15.0) -> None:
+        import asyncio  # noqa: PLC0415
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(m["type"] == "executing" and m["data"].get("node") is None
+                   and m["data"].get("prompt_id") == prompt_id for m in self.received):
+                return
+            await asyncio.sleep(0.01)
+        self.problems.append(f"no end signal for prompt {prompt_id}")
+
+    async def _poll_history(self, session, path: str, timeout: float = 15.0) -> None:
+        import asyncio  # noqa: PLC0415
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            async with session.get(self.sd.url + path) as resp:
+                if await resp.json():
+                    return
+            await asyncio.sleep(0.02)
+
+    async def _exchange(self, session, event: dict) -> None:
+        req = dict(event["request"])
+        resp = event["response"]
+        req["path"] = _replace_ids(req["path"], self.id_map)
+        if req["path"].startswith("/history/") and resp.get("json"):
+            await self._poll_history(session, req["path"])
+        if "multipart" in req:
+            status, content_type, body, raw, headers = await self._multipart(session, req)
+        else:
+            status, content_type, body, raw, headers = await _request_with_headers(session, self.sd.url, req)
+        where = f"{req['method']} {req['path']}"
+        if status != resp["status"]:
+            self.problems.append(f"{where}: status {status} != {resp['status']} ({body!r:.300})")
+            return
+        if resp.get("content_type") is not None or status != 403:
+            if content_type != resp.get("content_type"):
+                self.problems.append(f"{where}: content type {content_type} != {resp.get('content_type')}")
+        if req["method"] == "POST" and req["path"] == "/prompt" and status == 200:
+            recorded_id = resp["json"]["prompt_id"]
+            self.id_map.setdefault(recorded_id, body["prompt_id"])
+            if (req.get("json") or {}).get("client_id"):
+                await self._wait_end(body["prompt_id"])
+        if "json" in resp:
+            self.problems += [f"{where}: {p}" for p in diff_structure(
+                self.normalise(body), self.normalise(self._map(resp["json"])), varying=self.varying)]
+        elif "body_magic_hex" in resp:
+            self._compare_binary(where, resp, raw, headers)
+        elif "text" in resp and body != resp["text"]:
+            self.problems.append(f"{where}: body {body!r:.200} != {resp['text']!r:.200}")
+
+    def _compare_binary(self, where: str, resp: dict, raw: bytes, headers) -> None:
+        magic = bytes.fromhex(resp["body_magic_hex"])
+        same = raw[:4] == magic[:4] and raw[8:16] == magic[8:16]  # RIFF/PNG signature and chunk tag
+        if not same:
+            self.problems.append(f"{where}: body starts {raw[:16].hex()} != {magic.hex()}")
+        if resp.get("content_disposition") and headers.get("Content-Disposition") != resp["content_disposition"]:
+            self.problems.append(f"{where}: disposition {headers.get('Content-Disposition')} != "
+                                 f"{resp['content_disposition']}")
+
+    async def _multipart(self, session, req: dict):
+        import aiohttp  # noqa: PLC0415
+        form = aiohttp.FormData()
+        for name, part in req["multipart"].items():
+            if isinstance(part, dict) and "filename" in part:
+                data = self.upload_bytes(self._uploads, part)
+                self._uploads += 1
+                form.add_field(name, data, filename=part["filename"],
+                               content_type=part.get("content_type") or "application/octet-stream")
+            elif isinstance(part, dict):
+                form.add_field(name, json.dumps(part))
+            else:
+                form.add_field(name, str(part))
+        async with session.post(self.sd.url + req["path"], data=form) as resp:
+            raw = await resp.read()
+            body: object = raw.decode("utf-8", errors="replace")
+            if resp.content_type == "application/json" and raw:
+                body = json.loads(raw)
+            return resp.status, resp.headers.get("Content-Type"), body, raw, resp.headers
+
+    def ws_problems(self, *, skip_types: frozenset[str] = frozenset()) -> list[str]:
+        expected = [m for m in self.expected_ws() if m["type"] not in skip_types]
+        actual = [m for m in self.received if m["type"] not in skip_types]
+        problems = []
+        if [m["type"] for m in actual] != [m["type"] for m in expected]:
+            problems.append("ws types differ:\n  got      " + " ".join(m["type"] for m in actual)
+                            + "\n  recorded " + " ".join(m["type"] for m in expected))
+        problems += diff_structure(self.normalise(actual), self.normalise(expected), varying=self.varying, path="ws")
+        return problems
+
+
+async def _request_with_headers(session, base_url: str, request: Mapping):
+    kwargs: dict = {}
+    headers = dict(request.get("headers") or {})
+    if "json" in request:
+        kwargs["json"] = request["json"]
+    elif "raw_body" in request:
+        kwargs["data"] = request["raw_body"].encode()
+        headers["Content-Type"] = request.get("content_type") or "application/octet-stream"
+    if headers:
+        kwargs["headers"] = headers
+    async with session.request(request["method"], base_url + request["path"], **kwargs) as resp:
+        raw = await resp.read()
+        body: object = raw.decode("utf-8", errors="replace")
+        if resp.content_type == "application/json" and raw:
+            body = json.loads(raw)
+        return resp.status, resp.headers.get("Content-Type"), body, raw, resp.headers
+
+
+def _replace_ids(value, id_map: Mapping[str, str]):
+    """Map recorded prompt ids to this run's, in strings (also inside paths) and dict keys."""
+    if not id_map:
+        return value
+    if isinstance(value, str):
+        for old, new in id_map.items():
+            value = value.replace(old, new)
+        return value
+    if isinstance(value, list):
+        return [_replace_ids(v, id_map) for v in value]
+    if isinstance(value, dict):
+        return {_replace_ids(k, id_map): _replace_ids(v, id_map) for k, v in value.items()}
+    return value
