@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -90,9 +90,16 @@ def read_state(path: Path) -> dict[str, Any] | None:
 
 
 @contextmanager
-def running_supervisor(env: Mapping[str, str]) -> Iterator[ComfySupervisor]:
-    """A real ComfySupervisor in this process; always stopped, and its tree checked for leftovers."""
+def running_supervisor(
+    env: Mapping[str, str], listeners: Iterable[Callable[[Any], None]] = ()
+) -> Iterator[ComfySupervisor]:
+    """A real ComfySupervisor in this process; always stopped, and its tree checked for leftovers.
+
+    ``listeners`` are attached before the start, so they see the very first transitions.
+    """
     sup = ComfySupervisor(settings_for(env))
+    for listener in listeners:
+        sup.add_listener(listener)
     sup.start()
     try:
         yield sup
