@@ -458,7 +458,7 @@ class TranscriptReplayer:
         import aiohttp  # noqa: PLC0415
         form = aiohttp.FormData()
         for name, part in req["multipart"].items():
-            if isinstance(part, dict) and "filename" in part:
+            if isinstance(part, dict) and name == "image":
                 data = self.upload_bytes(self._uploads, part)
                 self._uploads += 1
                 form.add_field(name, data, filename=part["filename"],
