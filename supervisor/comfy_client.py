@@ -46,7 +46,7 @@ class ComfyClient:
         self.host_port = parts.netloc or self.base_url
 
     def unreachable(self, why: str) -> ComfyUnavailableError:
-        return ComfyUnavailableError(f"ComfyUI server ({self.host_port}) not reachable: {why}")
+        return ComfyUnavailableError(f"ComfyUI server ({self.host_port}) not reachable: {why}", details={"reason": why})
 
     async def _request(self, method: str, path: str, *, expect_json: bool = True, **kwargs: Any) -> tuple[int, Any]:
         url = self.base_url + path

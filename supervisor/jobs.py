@@ -467,7 +467,7 @@ class JobEngine:
         """Reopen the websocket while the same ComfyUI process runs; check /history for a missed end."""
         attempts = self.settings.websocket_reconnect_attempts
         delay = self.settings.websocket_reconnect_delay_s
-        last_error = "the websocket closed"
+        last_error = "it closed"
         for attempt in range(1, attempts + 1):
             self._check_same_process(job, exit_task)
             sleeper = asyncio.ensure_future(asyncio.sleep(delay if attempt > 1 else min(delay, 0.2)))
@@ -480,22 +480,23 @@ class JobEngine:
             try:
                 ws = await self.client.connect_ws(job.client_id)
             except ComfyUnavailableError as exc:
-                last_error = exc.message
+                last_error = exc.details.get("reason", exc.message)
                 continue
             try:
                 entry = await self.client.history(job.prompt_id)
             except ComfyUnavailableError as exc:
                 await ws.close()
-                last_error = exc.message
+                last_error = exc.details.get("reason", exc.message)
                 continue
             if entry is not None:
                 self._absorb_history(job, entry)
                 job.ended = True
             return ws
         self._check_same_process(job, exit_task)
+        tried = f"{attempts} reconnection attempts failed ({last_error})" if attempts else (
+            "reconnecting is off (WEBSOCKET_RECONNECT_ATTEMPTS=0)")
         raise ComfyUnavailableError(
-            f"ComfyUI server ({self.client.host_port}) not reachable: the websocket dropped and "
-            f"{attempts} reconnection attempts failed ({last_error})"
+            f"ComfyUI server ({self.client.host_port}) not reachable: the websocket dropped and {tried}"
         )
 
     def _check_same_process(self, job: _Job, exit_task: asyncio.Future[CrashInfo]) -> None:

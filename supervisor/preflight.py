@@ -267,9 +267,10 @@ def input_file_exists(value: str, dirs: ComfyDirs) -> bool:
 def _warn_unknown_inputs(
     node_id: str, graph: Mapping[str, Mapping[str, Any]], catalog: NodeCatalog, report: PreflightReport
 ) -> None:
-    """Scalar inputs the class does not declare: ComfyUI drops them without a word, so we say it.
+    """Inputs the class does not declare: ComfyUI drops them without a word, so we say it.
 
-    Links and objects are left alone: nodes with dynamic inputs take those, and ComfyUI passes links on.
+    Object values are left alone: nodes with dynamic inputs (rgthree's LoRA stacks...) declare a catch-all
+    that ``/object_info`` cannot show, and they take objects.
     """
     node = graph[node_id]
     class_type = node["class_type"]
@@ -277,15 +278,18 @@ def _warn_unknown_inputs(
     if not known:
         return
     for name, value in node["inputs"].items():
-        if name in known or isinstance(value, (list, dict)) or value is None:
+        if name in known or isinstance(value, dict):
             continue
         line = f"{node_label(node_id, graph)} input {name}: {class_type} has no such input, so ComfyUI ignores it"
-        owners = [c for c in catalog.classes_with_input(name) if c != class_type]
+        # the classes this input belongs to, those sharing most of the node's inputs first (the one meant)
+        given = set(node["inputs"])
+        owners = sorted((c for c in catalog.classes_with_input(name) if c != class_type),
+                        key=lambda c: (-len(given & catalog.input_names(c)), c))
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
         if close:
             line += f"; did you mean '{close[0]}'?"
         elif owners:
-            shown = ", ".join(sorted(owners)[:3]) + (" and others" if len(owners) > 3 else "")
+            shown = ", ".join(owners[:3]) + (" and others" if len(owners) > 3 else "")
             line += f"; it is an input of {shown}"
         report.warnings.append(line)
 

@@ -257,3 +257,81 @@ def decode_png(data_b64: str) -> Image.Image:
     img = Image.open(io.BytesIO(base64.b64decode(data_b64)))
     img.load()
     return img
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of ComfyUI that a test can cut: ``drop()`` closes every live connection
+    (the websocket sees an abnormal close, like a network drop), ``refuse`` makes new connections fail."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.refuse = False
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.connections = 0
+
+    async def start(self) -> "TcpProxy":
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+    def drop(self) -> None:
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def stop(self) -> None:
+        self.drop()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class ProxiedHandle:
+    """The real supervisor's ComfyHandle, with ComfyUI's address replaced by a proxy's."""
+
+    def __init__(self, sup: Any, base_url: str) -> None:
+        self._sup = sup
+        self.base_url = base_url
+
+    def status(self) -> Any:
+        return self._sup.status()
+
+    def wait_ready(self, timeout: float | None) -> Any:
+        return self._sup.wait_ready(timeout)
+
+    def wait_exit(self, generation: int) -> Any:
+        return self._sup.wait_exit(generation)
+
+    def log_tail(self, n: int = 20) -> list[str]:
+        return self._sup.log_tail(n)
