@@ -85,7 +85,8 @@ REINTERRUPT_S = 1.0  # an interrupt posted between two prompts is lost: repeat i
 LATE_CLEANUP_POLL_S = 1.0
 PROGRESS_CALLBACK_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 20
-CRASH_NOTICE_S = 0.5  # after a failed request, how long to wait for the supervisor to report an exit
+CRASH_NOTICE_S = 0.5
+DRAIN_S = 0.05  # after a failed request, how long to wait for the supervisor to report an exit
 OOM_MARKERS = ("out of memory", "outofmemory", "oom")
 OOM_ADVICE = (
     "reduce the image size (width/height), the batch size or the number of frames, or use a GPU with more memory"
@@ -404,7 +405,7 @@ class JobEngine:
             receive = asyncio.ensure_future(ws.receive())
             done, _ = await asyncio.wait({receive, exit_task}, return_when=asyncio.FIRST_COMPLETED)
             if exit_task in done:
-                receive.cancel()
+                await self._drain(job, ws, receive, progress)
                 raise self._crash_error(job, exit_task.result())
             msg = receive.result()
             if msg.type == aiohttp.WSMsgType.TEXT:
@@ -414,6 +415,22 @@ class JobEngine:
                 await ws.close()
                 ws = await self._reconnect(job, exit_task)
         return ws
+
+    async def _drain(
+        self, job: _Job, ws: aiohttp.ClientWebSocketResponse, receive: asyncio.Future[Any], progress: _Progress
+    ) -> None:
+        """Read what ComfyUI sent before it died (e.g. which node it was running), so the message can say."""
+        try:
+            while True:
+                msg = await asyncio.wait_for(asyncio.shield(receive), DRAIN_S)
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    return
+                await self._on_event(job, msg.json(), progress)
+                receive = asyncio.ensure_future(ws.receive())
+        except (TimeoutError, ValueError, aiohttp.ClientError):
+            return
+        finally:
+            receive.cancel()
 
     async def _on_event(self, job: _Job, event: Any, progress: _Progress) -> None:
         if not isinstance(event, Mapping) or not isinstance(event.get("data"), Mapping):
@@ -648,14 +665,21 @@ class JobEngine:
         await asyncio.to_thread(self._remove_files, job)
 
     async def _late_cleanup(self, job: _Job) -> None:
-        limit = asyncio.get_running_loop().time() + self.settings.max_job_timeout_s
+        """Wait until ComfyUI no longer holds the prompt (or that process is gone), then remove the folders.
+
+        Removing them while the prompt still runs would let its SaveImage write into a folder nobody cleans.
+        """
+        loop = asyncio.get_running_loop()
+        limit = loop.time() + self.settings.max_job_timeout_s
         try:
-            while asyncio.get_running_loop().time() < limit:
-                if await self.client.prompt_state(job.prompt_id) == "absent":
-                    break
+            while loop.time() < limit:
+                try:
+                    if await self.client.prompt_state(job.prompt_id) == "absent":
+                        break
+                except ComfyUnavailableError:
+                    if self.comfy.status().generation != job.generation:
+                        break  # that process and its queue are gone
                 await asyncio.sleep(LATE_CLEANUP_POLL_S)
-        except ComfyUnavailableError:
-            pass
         finally:
             await asyncio.to_thread(self._remove_files, job)
 
