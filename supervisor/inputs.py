@@ -113,7 +113,7 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     compact = _WS_RE.sub("", payload)
     if not compact:
         raise ValueError("has no base64 data")
-    estimate = len(compact) * 3 // 4
+    estimate = len(compact) * 3 // 4 - (len(compact) - len(compact.rstrip("=")))  # exact for valid base64
     if estimate > max_bytes:
         raise ValueError(f"is {_mb(estimate)} decoded, over the {_mb(max_bytes)} limit (MAX_INPUT_BYTES)")
     alphabet = _B64_RE
