@@ -60,7 +60,7 @@ class OutputRef:
 
     def path(self, dirs: ComfyDirs) -> Path | None:
         """The file on disk, or None if the reported name would leave ComfyUI's folder."""
-        root = dirs.for_type(self.type)
+        root = dirs.for_type(self.type) if self.type in ("output", "temp") else None
         if root is None or not self.filename or "\x00" in self.filename + self.subfolder:
             return None
         base = root.resolve()
