@@ -18,6 +18,7 @@ Every line starts ``node <id> (<class>)`` so a user can find it in their graph.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -313,6 +314,12 @@ def render_prompt_error(body: Any, graph: Mapping[str, Any], catalog: NodeCatalo
     if etype == "invalid_prompt":
         details = str(error.get("details") or "")
         where = details.replace("Node ID '#", "node ").rstrip("'") if details.startswith("Node ID") else ""
+        missing = re.fullmatch(r"Cannot execute because node (.+) does not exist\.", message)
+        if missing and where:
+            return [f"{where}: class_type '{missing[1]}' is not installed in this ComfyUI (no loaded node pack "
+                    "provides it)"]
+        if "missing the class_type" in message and where:
+            return [f"{where} has no class_type (the node's type, e.g. \"KSampler\")"]
         return [f"{where}: {message}" if where else message]
     return [message or f"ComfyUI refused the prompt ({etype})"]
 
