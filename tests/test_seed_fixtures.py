@@ -37,7 +37,8 @@ def _reference_path(*parts: str) -> Path | None:
 
 
 SUBSET_PATH = _reference_path("object_info-subset.json")
-SEED_TEXTS = _reference_path("seeds")
+# the seed documents, copied verbatim into tests/fixtures/seeds/source (the original reference folder as fallback)
+SEED_TEXTS = SEEDS / "source" if (SEEDS / "source").is_dir() else _reference_path("seeds")
 
 
 def load(name: str):
