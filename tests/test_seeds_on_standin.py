@@ -228,6 +228,16 @@ async def test_valid_seed_workflow_runs_to_a_saved_png(name, tmp_path):
                 if e["type"] == "executing" and e["data"]["node"]:
                     assert e["data"]["display_node"] == e["data"]["node"], e
 
+            # the last progress_state has every node finished (protocol §4; a_emptyimage_saveimage.json)
+            states = [e["data"] for e in events if e["type"] == "progress_state"]
+            assert states, "no progress_state"
+            final = states[-1]["nodes"]
+            assert set(final) == set(graph), sorted(final)
+            for nid, st in final.items():
+                assert st["state"] == "finished", (nid, st)
+                assert (st["node_id"], st["display_node_id"], st["real_node_id"], st["parent_node_id"],
+                        st["prompt_id"]) == (nid, nid, nid, None, prompt_id), st
+
             # the sampler reports its steps (protocol §4: progress comes from nodes with a progress bar)
             (sampler_id,) = [nid for nid, n in graph.items() if n["class_type"] == "KSampler"]
             steps = graph[sampler_id]["inputs"]["steps"]
@@ -253,7 +263,10 @@ async def test_valid_seed_workflow_runs_to_a_saved_png(name, tmp_path):
             history = await comfy.get_json(f"/history/{prompt_id}")
             assert list(history) == [prompt_id]
             entry = history[prompt_id]
+            assert list(entry) == ["prompt", "outputs", "status", "meta"], list(entry)
             assert entry["outputs"] == {out: {"images": expected_images}}, entry["outputs"]
+            assert entry["meta"] == {out: {"node_id": out, "display_node": out, "parent_node": None,
+                                           "real_node_id": out}}, entry["meta"]
             assert entry["status"]["status_str"] == "success"
             assert entry["status"]["completed"] is True
             assert [m[0] for m in entry["status"]["messages"]] == [
