@@ -22,7 +22,8 @@ from supervisor.errors import ComfyUnavailableError
 
 log = logging.getLogger("supervisor.comfy_client")
 
-REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=5)
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=5)  # uploads, /object_info, /prompt
+CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=5)  # small calls: a hung ComfyUI must not stall us
 WS_HEARTBEAT_S = 20.0
 WS_MAX_MSG = 64 * 1024 * 1024
 
@@ -48,10 +49,13 @@ class ComfyClient:
     def unreachable(self, why: str) -> ComfyUnavailableError:
         return ComfyUnavailableError(f"ComfyUI server ({self.host_port}) not reachable: {why}", details={"reason": why})
 
-    async def _request(self, method: str, path: str, *, expect_json: bool = True, **kwargs: Any) -> tuple[int, Any]:
+    async def _request(
+        self, method: str, path: str, *, expect_json: bool = True, timeout: aiohttp.ClientTimeout = CONTROL_TIMEOUT,
+        **kwargs: Any,
+    ) -> tuple[int, Any]:
         url = self.base_url + path
         try:
-            async with self.session.request(method, url, timeout=REQUEST_TIMEOUT, **kwargs) as resp:
+            async with self.session.request(method, url, timeout=timeout, **kwargs) as resp:
                 text = await resp.text()
                 if resp.status >= 500:
                     raise self.unreachable(f"{method} {path} answered {resp.status}: {text.strip()[:200]}")
@@ -64,10 +68,10 @@ class ComfyClient:
         except aiohttp.ClientError as exc:
             raise self.unreachable(f"{method} {path} failed: {_why(exc)}") from None
         except TimeoutError:
-            raise self.unreachable(f"{method} {path} got no answer within {REQUEST_TIMEOUT.total:g} s") from None
+            raise self.unreachable(f"{method} {path} got no answer within {timeout.total:g} s") from None
 
     async def object_info(self) -> dict[str, Any]:
-        status, body = await self._request("GET", "/object_info")
+        status, body = await self._request("GET", "/object_info", timeout=REQUEST_TIMEOUT)
         if status != 200 or not isinstance(body, dict):
             raise self.unreachable(f"GET /object_info answered {status}")
         return body
@@ -79,7 +83,7 @@ class ComfyClient:
         form.add_field("subfolder", subfolder)
         form.add_field("type", "input")
         form.add_field("overwrite", "true")
-        status, body = await self._request("POST", "/upload/image", data=form)
+        status, body = await self._request("POST", "/upload/image", data=form, timeout=REQUEST_TIMEOUT)
         if status != 200 or not isinstance(body, Mapping) or not body.get("name"):
             raise ComfyUploadError(f"ComfyUI answered {status} to the upload of {filename!r}")
         sub = str(body.get("subfolder") or "")
@@ -88,7 +92,7 @@ class ComfyClient:
     async def queue_prompt(self, prompt: Mapping[str, Any], client_id: str, prompt_id: str) -> dict[str, Any]:
         """Queue the graph; the 200 body (``prompt_id``, ``number``, ``node_errors``) or PromptRejected."""
         payload = {"prompt": prompt, "client_id": client_id, "prompt_id": prompt_id}
-        status, body = await self._request("POST", "/prompt", json=payload)
+        status, body = await self._request("POST", "/prompt", json=payload, timeout=REQUEST_TIMEOUT)
         if status != 200:
             raise PromptRejected(status, body)
         return body if isinstance(body, dict) else {}

@@ -238,10 +238,16 @@ class JobEngine:
 
     async def _run(self, job: _Job, on_progress: ProgressCallback | None, started: float) -> JobResult:
         try:
-            return await self._run_steps(job, on_progress, started)
+            result = await self._run_steps(job, on_progress, started)
         except JobError as err:
             err.warnings.extend(w for w in (*job.request.warnings, *job.warnings) if w not in err.warnings)
+            log.warning("job %s failed (%s): %s", job.job_id, err.kind, err.message)
             raise
+        except asyncio.CancelledError:
+            log.info("job %s cancelled while %s", job.job_id, job.stage)
+            raise
+        log.info("job %s: %d output(s) in %.2f s", job.job_id, len(result.outputs), result.timings["total_s"])
+        return result
 
     async def _run_steps(self, job: _Job, on_progress: ProgressCallback | None, started: float) -> JobResult:
         progress = _Progress(on_progress, self.settings.progress_interval_s, job)
@@ -384,6 +390,7 @@ class JobEngine:
                 lines = render_prompt_error(exc.body, job.request.workflow, self._catalog)
                 raise ValidationError.with_problems(VALIDATION_PREFIX, lines, {"comfy_error": exc.body}) from None
             job.accepted = True
+            log.info("job %s: queued as prompt %s (queue number %s)", job.job_id, job.prompt_id, answer.get("number"))
             for line in render_node_errors(answer.get("node_errors"), job.request.workflow, self._catalog):
                 job.warnings.append(f"{line} (ComfyUI skipped the outputs that depend on it)")
             job.stage = "waiting in ComfyUI's queue"
@@ -624,34 +631,43 @@ class JobEngine:
     # --- ending -------------------------------------------------------------------------------------
 
     async def _abandon(self, job: _Job) -> None:
-        """Take the prompt back from ComfyUI: delete it if queued, interrupt it if running; wait, bounded."""
+        """Take the prompt back from ComfyUI: delete it if queued, interrupt it if running; wait, bounded.
+
+        If ComfyUI does not let go within CANCEL_GRACE_S (or cannot be reached), the job still ends; its folders
+        are then removed later, once the prompt has left (see :meth:`_cleanup`).
+        """
         if not job.posted or job.ended or job.crashed is not None:
             return
-        loop = asyncio.get_running_loop()
-        end = loop.time() + CANCEL_GRACE_S
-        last_interrupt = 0.0
-        absent_since: float | None = None
         try:
-            while loop.time() < end:
-                state = await self.client.prompt_state(job.prompt_id)
-                if state == "pending":
-                    await self.client.delete_queued([job.prompt_id])
-                elif state == "running" and loop.time() - last_interrupt >= REINTERRUPT_S:
-                    await self.client.interrupt(job.prompt_id)
-                    last_interrupt = loop.time()
-                elif state == "absent":
-                    # a POST still in flight may queue it a moment later: make sure it stays gone
-                    absent_since = absent_since or loop.time()
-                    if job.accepted or loop.time() - absent_since > 1.0:
-                        job.ended = True
-                        return
-                if state != "absent":
-                    absent_since = None
-                await asyncio.sleep(ABANDON_POLL_S)
-        except ComfyUnavailableError:
-            return
+            async with asyncio.timeout(CANCEL_GRACE_S):
+                await self._take_back(job)
+                return
+        except (ComfyUnavailableError, TimeoutError):
+            pass
         log.warning("job %s: prompt %s still in ComfyUI after %.0f s; cleaning up when it leaves",
                     job.job_id, job.prompt_id, CANCEL_GRACE_S)
+
+    async def _take_back(self, job: _Job) -> None:
+        """Poll ``/queue`` (only here, after the job gave up on the prompt) until the prompt is gone."""
+        loop = asyncio.get_running_loop()
+        last_interrupt = 0.0
+        absent_since: float | None = None
+        while True:
+            state = await self.client.prompt_state(job.prompt_id)
+            if state == "pending":
+                await self.client.delete_queued([job.prompt_id])
+            elif state == "running" and loop.time() - last_interrupt >= REINTERRUPT_S:
+                await self.client.interrupt(job.prompt_id)
+                last_interrupt = loop.time()
+            if state != "absent":
+                absent_since = None
+            else:
+                # a POST still in flight may queue it a moment later: make sure it stays gone
+                absent_since = absent_since or loop.time()
+                if job.accepted or loop.time() - absent_since > 1.0:
+                    job.ended = True
+                    return
+            await asyncio.sleep(ABANDON_POLL_S)
 
     async def _cleanup(self, job: _Job) -> None:
         """Remove the job's folders now, or once ComfyUI lets go of the prompt."""

@@ -172,6 +172,23 @@ async def test_node_exit_fails_the_job_with_exit_code_and_traceback(tmp_path) ->
         assert rig.job_files() == []
 
 
+async def test_a_hung_comfyui_is_killed_by_the_supervisor_and_the_job_fails_at_once(tmp_path) -> None:
+    with supervisor_rig(tmp_path, models=MODELS, STANDIN_NODE_FAULT="VAEDecode:hang", STANDIN_NODE_DELAY_S="0.05",
+                        HEALTH_INTERVAL_S="0.3", HEALTH_TIMEOUT_S="0.5", HEALTH_FAILURES="2") as rig:
+        engine = rig.engine()
+        try:
+            pid = rig.sup.status().pid
+            started = time.monotonic()
+            with pytest.raises(ComfyUnavailableError) as info:
+                await run(engine, {"workflow": flux(15, steps=2), "timeout_s": 60})
+            assert time.monotonic() - started < 10
+        finally:
+            await engine.close()
+        assert re.fullmatch(rf"ComfyUI stopped while running node \d+ \(\w+\): ComfyUI \(pid {pid}\) stopped "
+                            r"answering and was killed", info.value.message), info.value.message
+        assert rig.job_files() == []
+
+
 @pytest.fixture(scope="module")
 def failing_rig(tmp_path_factory: pytest.TempPathFactory) -> Rig:
     with supervisor_rig(tmp_path_factory.mktemp("faults"), models=MODELS,
