@@ -252,3 +252,16 @@ async def test_interrupted_prompt_without_client_id_is_broadcast(slow: StandIn) 
 def test_recording_has_the_cases_these_tests_mirror() -> None:
     texts = [e.get("text", "") for e in E_EVENTS if e["kind"] == "note"]
     assert any("finished" in t and "after interrupt" in t for t in texts)
+
+
+async def test_api_keys_show_in_queue_but_not_in_history(slow: StandIn) -> None:
+    async with aiohttp.ClientSession() as s, Client(s, slow, "k") as c:
+        pid = (await c.submit(_chain(12, 3), extra_data={"api_key_comfy_org": "secret", "auth_token_comfy_org": "t",
+                                                       "extra_pnginfo": {"a": 1}}))["prompt_id"]
+        await c.wait_executing(pid, "10")
+        running = (await c.get("/queue"))["queue_running"][0]
+        assert running[3] == {"api_key_comfy_org": "secret", "auth_token_comfy_org": "t", "extra_pnginfo": {"a": 1},
+                              "client_id": "k"}
+        await c.wait_end(pid)
+        hist = await c.get(f"/history/{pid}")
+    assert hist[pid]["prompt"][3] == {"extra_pnginfo": {"a": 1}, "client_id": "k"}

@@ -52,9 +52,16 @@ class CacheEntry:
 
 
 class OutputCache:
-    """Classic cache: entries keyed by input signature; only the current prompt's keys survive."""
+    """Output cache keyed by input signature.
 
-    def __init__(self) -> None:
+    ``classic`` (ComfyUI's default) keeps only the entries the current prompt uses; ``none``
+    (``--cache-none``) keeps nothing between prompts; ``lru`` (``--cache-lru N``) keeps the N most recently
+    used entries across prompts.
+    """
+
+    def __init__(self, mode: str = "classic", size: int = 0) -> None:
+        self.mode = mode
+        self.size = size
         self.entries: dict[str, CacheEntry] = {}
         self.keys: dict[str, str] = {}  # node id -> signature for the prompt being executed
 
@@ -64,15 +71,26 @@ class OutputCache:
             _signature(prompt, node_id, signatures, set())
         self.keys = signatures
         used = set(signatures.values())
-        self.entries = {k: v for k, v in self.entries.items() if k in used}
+        if self.mode == "none":
+            self.entries = {}
+        elif self.mode == "lru":
+            kept = list(self.entries.items())[-self.size:] if self.size > 0 else []
+            self.entries = dict(kept)
+        else:
+            self.entries = {k: v for k, v in self.entries.items() if k in used}
 
     def get(self, node_id: str) -> CacheEntry | None:
         key = self.keys.get(node_id)
-        return self.entries.get(key) if key is not None else None
+        if key is None or key not in self.entries:
+            return None
+        if self.mode == "lru":
+            self.entries[key] = self.entries.pop(key)  # most recently used last
+        return self.entries[key]
 
     def set(self, node_id: str, entry: CacheEntry) -> None:
         key = self.keys.get(node_id)
         if key is not None:
+            self.entries.pop(key, None)
             self.entries[key] = entry
 
     def all_node_ids(self) -> list[str]:
@@ -81,6 +99,15 @@ class OutputCache:
     def reset(self) -> None:
         self.entries.clear()
         self.keys.clear()
+
+
+def cache_from_args(args: Any) -> OutputCache:
+    """--cache-none / --cache-lru N / classic (default)."""
+    if args is not None and getattr(args, "cache_none", False):
+        return OutputCache("none")
+    if args is not None and getattr(args, "cache_lru", 0) > 0:
+        return OutputCache("lru", args.cache_lru)
+    return OutputCache()
 
 
 _UNCACHEABLE = 0
@@ -269,7 +296,7 @@ class PromptExecutor:
 
     def __init__(self, server: Any) -> None:
         self.server = server
-        self.cache = OutputCache()
+        self.cache = cache_from_args(runtime.ARGS)
         self.objects: dict[tuple[str, str], Any] = {}
         self.status_messages: list[tuple[str, dict]] = []
         self.success = True
