@@ -12,7 +12,6 @@ import secrets
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,11 @@ from tests.image.imagekit import (
     IMAGE,
     PACK_CLASS,
     ROOT,
-    Build,
     GitPackServer,
+    Hub,
+    ImageUnderTest,
+    Worker,
+    healthcheck_fast,
     make_build_args,
     run_build,
     stage_context,
@@ -35,7 +37,6 @@ from tests.image.imagekit import (
 BUILD_TIMEOUT_S = 1200
 PRIVATE_REPO = "acme/private-models"
 PUBLIC_REPO = "acme/public-models"
-HEALTH_INTERVAL_NS = 500_000_000  # the image's own HEALTHCHECK command, probed faster than its 10 s default
 
 
 def in_ci() -> bool:
@@ -93,26 +94,25 @@ def base_image(engine: Any, report: Callable[[str], None]) -> str:
     return BASE_TAG
 
 
-@dataclass
-class Hub:
-    server: HubServer
-    token: str
-    files: dict[str, tuple[str, bytes]]  # destination (folder/filename) -> (sha256, content)
-    private_path: str  # the resolve path of the private file, for the 401 check
-
-
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     """The manifest issue's hub server on 127.0.0.1, with a private repository that needs a random token."""
     token = secrets.token_urlsafe(32)
     server = HubServer(tmp_path_factory.mktemp("hub"), token=token, private=(PRIVATE_REPO,))
-    ckpt, lora = payload(96 * 1024, seed=7), payload(3 * 1024, seed=8)
+    # Fresh content every session: BuildKit's download cache (content-addressed) cannot serve it, so the build
+    # really downloads it, with the token.
+    seed = secrets.randbits(48)
+    ckpt, lora, onnx = (payload(96 * 1024, seed=seed), payload(3 * 1024, seed=seed + 1),
+                        payload(2 * 1024, seed=seed + 2))
     server.add_hf(PRIVATE_REPO, "image-test.safetensors", ckpt)
     server.add_hf(PUBLIC_REPO, "loras/image-test-lora.safetensors", lora)
+    server.add_hf(PUBLIC_REPO, "buffalo_l/det_10g.onnx", onnx)
     with server:
         yield Hub(server=server, token=token,
                   files={"checkpoints/image-test.safetensors": (sha256_of(ckpt), ckpt),
-                         "loras/image-test-lora.safetensors": (sha256_of(lora), lora)},
+                         "loras/image-test-lora.safetensors": (sha256_of(lora), lora),
+                         # InsightFace's models, where IPAdapter_plus points insightface: <models>/insightface
+                         "insightface/models/buffalo_l/det_10g.onnx": (sha256_of(onnx), onnx)},
                   private_path=f"/{PRIVATE_REPO}/resolve/main/image-test.safetensors")
 
 
@@ -138,17 +138,11 @@ models:
     filename: image-test-lora.safetensors
     hf: {{repo: {PUBLIC_REPO}, file: loras/image-test-lora.safetensors, revision: main}}
     sha256: "{lora_sha}"
+  - name: image-test-insightface-detector
+    folder: insightface
+    filename: models/buffalo_l/det_10g.onnx
+    hf: {{repo: {PUBLIC_REPO}, file: buffalo_l/det_10g.onnx, revision: main}}
 """
-
-
-@dataclass
-class ImageUnderTest:
-    ref: str
-    context: Path
-    build: Build
-    make_cmd: list[str]
-    token_file: Path
-    workdir: Path
 
 
 @pytest.fixture(scope="session")
@@ -176,20 +170,6 @@ def image(engine: Any, base_image: str, hub: Hub, pack: GitPackServer, tmp_path_
             engine.images.remove(ref, noprune=False)
         except Exception:  # noqa: BLE001 - already gone, or still used by a container being removed
             pass
-
-
-def healthcheck_fast(image_ref: str, engine: Any) -> dict[str, Any]:
-    """The image's own HEALTHCHECK command, with test timings (the command is what is under test)."""
-    test = engine.images.get(image_ref).attrs["Config"]["Healthcheck"]["Test"]
-    return {"test": test, "interval": HEALTH_INTERVAL_NS, "timeout": 10_000_000_000, "retries": 2,
-            "start_period": 1_000_000}
-
-
-@dataclass
-class Worker:
-    container: Any
-    api_key: str
-    api_url: str
 
 
 @pytest.fixture(scope="session")

@@ -246,6 +246,41 @@ def history_text(ref: str) -> str:
     return run([DOCKER_CLI, "history", "--no-trunc", "--format", "{{json .}}", ref]).stdout
 
 
+@dataclass
+class Hub:
+    server: Any  # tests.hubserver.harness.HubServer
+    token: str
+    files: dict[str, tuple[str, bytes]]  # destination (folder/filename) -> (sha256, content)
+    private_path: str  # the resolve path of the private file, for the 401 check
+
+
+@dataclass
+class ImageUnderTest:
+    ref: str
+    context: Path
+    build: Build
+    make_cmd: list[str]
+    token_file: Path
+    workdir: Path
+
+
+@dataclass
+class Worker:
+    container: Any
+    api_key: str
+    api_url: str
+
+
+HEALTH_INTERVAL_NS = 500_000_000  # the image's own HEALTHCHECK command, probed faster than its 10 s default
+
+
+def healthcheck_fast(image_ref: str, engine: Any) -> dict[str, Any]:
+    """The image's own HEALTHCHECK command, with test timings (the command is what is under test)."""
+    test = engine.images.get(image_ref).attrs["Config"]["Healthcheck"]["Test"]
+    return {"test": test, "interval": HEALTH_INTERVAL_NS, "timeout": 10_000_000_000, "retries": 2,
+            "start_period": 1_000_000}
+
+
 def health(container: Any) -> dict[str, Any]:
     container.reload()
     return container.attrs["State"].get("Health") or {}

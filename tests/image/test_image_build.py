@@ -28,12 +28,15 @@ from typing import Any
 
 import pytest
 
-from tests.image.conftest import Hub, ImageUnderTest, Worker, healthcheck_fast
 from tests.image.imagekit import (
     IMAGE,
     PACK_CLASS,
     PACK_NAME,
     GitPackServer,
+    Hub,
+    ImageUnderTest,
+    Worker,
+    healthcheck_fast,
     dump,
     health,
     history_text,
@@ -59,15 +62,16 @@ def shell(engine: Any, ref: str, script: str, **kw: Any) -> str:
 
 
 def test_build_used_the_token_secret_and_baked_the_models(engine: Any, image: ImageUnderTest, hub: Hub) -> None:
-    # The hub server requires the token for the private model...
+    # The build fetched the private model, authenticated (the log records "ok" for the right token)...
+    build_log = hub.server.log()
+    private = [e for e in build_log if e["path"] == hub.private_path]
+    assert all(e["auth"] == "ok" for e in private), dump(private)
+    assert any(e["method"] == "GET" and e["status"] in (200, 206) for e in private), \
+        f"the build never downloaded {hub.private_path}; hub log:\n{dump(build_log)}"
+    # ...which the hub server does not give without the token.
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(hub.server.url(hub.private_path), timeout=10)
     assert refused.value.code == 401
-    # ...and the build fetched it, authenticated (the log records "ok" for a request with the right token).
-    downloads = [e for e in hub.server.log() if e["path"] == hub.private_path and e["method"] == "GET"]
-    assert downloads, f"the build never downloaded {hub.private_path}; hub log:\n{dump(hub.server.log())}"
-    assert all(e["auth"] == "ok" for e in downloads), dump(downloads)
-    assert any(e["status"] in (200, 206) for e in downloads), dump(downloads)
     # The models are in the image, where ComfyUI reads them (MODELS_DIR = <ComfyUI>/models), byte for byte.
     env = engine.images.get(image.ref).attrs["Config"]["Env"]
     assert "MODELS_DIR=/opt/ComfyUI/models" in env, env
