@@ -208,6 +208,12 @@ class ResolvedInputs:
     def total_bytes(self) -> int:
         return sum(len(f.data) for f in self.files)
 
+    def without_inline(self, keys: set[tuple[str, str]]) -> "ResolvedInputs":
+        """These inline images stay as they were sent (the node takes the string itself): not uploaded."""
+        dropped = {self.inline[k] for k in keys if k in self.inline}
+        return ResolvedInputs(files=[f for f in self.files if f.name not in dropped],
+                              inline={k: v for k, v in self.inline.items() if k not in keys})
+
 
 async def resolve_inputs(request: JobRequest, settings: Settings, fetcher: GuardedFetcher | None) -> ResolvedInputs:
     """Decode, fetch and verify every image of the request, concurrently; one error listing every bad one."""

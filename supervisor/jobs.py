@@ -323,6 +323,8 @@ class JobEngine:
         job.stage = "checking the workflow"
         graph = job.request.workflow
         catalog = await self._catalog_for(job, status.generation, exit_task)
+        takes_string = {k for k in resolved.inline if catalog.input_type(graph[k[0]]["class_type"], k[1]) == "STRING"}
+        resolved = resolved.without_inline(takes_string)
         report = self._preflight(graph, catalog, resolved, status)
         if report.missing_names:
             catalog = await self._catalog_for(job, status.generation, exit_task, refresh=True)

@@ -6,6 +6,7 @@ receives are the supervisor's liveness probes (``GET /system_stats``).
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -121,3 +122,56 @@ async def test_every_supplied_name_is_rewritten_and_uploaded_into_the_job_folder
     assert len(prompt) == 1
     assert [o.filename for o in result.outputs] == ["inv_00001_.png"]
     assert rig.job_files() == []
+
+
+ECHO_PACK = '''
+import os
+import folder_paths
+
+
+class StringImageEcho:
+    """Takes image data as a STRING (decodes it itself, like base64-loader packs) and writes it to a file."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("STRING", {"multiline": True}),
+                             "filename_prefix": ("STRING", {"default": "echo"})}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    def run(self, image, filename_prefix):
+        out = folder_paths.get_output_directory()
+        full, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out)
+        os.makedirs(full, exist_ok=True)
+        fname = f"{name}_{counter:05}_.txt"
+        with open(os.path.join(full, fname), "w") as f:
+            f.write(image)
+        return {"ui": {"text_files": [{"filename": fname, "subfolder": subfolder, "type": "output"}]}}
+
+
+NODE_CLASS_MAPPINGS = {"StringImageEcho": StringImageEcho}
+'''
+
+
+async def test_image_inputs_a_node_declares_as_string_keep_their_base64(tmp_path) -> None:
+    pack = tmp_path / "packs" / "echo_pack"
+    pack.mkdir(parents=True)
+    (pack / "__init__.py").write_text(ECHO_PACK)
+    yaml = tmp_path / "packs.yaml"
+    yaml.write_text(f"test_packs:\n  custom_nodes: {pack.parent}\n")
+    data = b64(png_bytes((5, 6, 7)))
+    with supervisor_rig(tmp_path / "w", COMFYUI_ARGS=f"--cpu --extra-model-paths-config {yaml}") as rig:
+        before = len(rig.requests())
+        engine = rig.engine()
+        try:
+            result = await engine.run_job("echo", {"workflow": {
+                "1": {"class_type": "StringImageEcho", "inputs": {"image": data, "filename_prefix": "echo"}}}})
+        finally:
+            await engine.close()
+        assert [r["path"] for r in rig.requests()[before:] if r["path"] == "/upload/image"] == []
+        assert rig.job_files() == []
+    assert [(o.filename, o.media_type, o.node_id) for o in result.outputs] == [("echo_00001_.txt", "text/plain", "1")]
+    assert base64.b64decode(result.outputs[0].data).decode() == data
