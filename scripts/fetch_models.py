@@ -832,7 +832,7 @@ def cmd_lock(cfg: FetchConfig, manifest: Manifest, secrets: Secrets, dry_run: bo
     sources = Sources(cfg, lambda m: print(m, file=sys.stderr))
     for e in manifest.entries:
         token = secrets.get(e.secret) if e.secret else None
-        if e.secret and token is None:
+        if e.secret and token is None and not isinstance(e.source, CivitaiSource):  # Civitai's metadata is public
             line = f"{e.label}: needs secret {e.secret}, which was not supplied"
             if e.optional:
                 print(f"{PROG}: notice: lock skips optional {line}", file=sys.stderr)
@@ -955,6 +955,8 @@ def main(argv: list[str] | None = None) -> int:
                 redact.add(secrets.get(name))
             if args.command == "check":
                 print(f"{PROG}: {manifest.path}: {len(manifest.entries)} entries, valid", file=sys.stderr)
+                for problem in missing_hashes(manifest):
+                    print(f"{PROG}: notice: {problem}", file=sys.stderr)
                 return 0
             if args.command == "lock":
                 return cmd_lock(cfg, manifest, secrets, args.dry_run)

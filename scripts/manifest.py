@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import yaml
-
 # ComfyUI's built-in model folder keys (folder_paths.py) and the keys common custom node packs register.
 # A key is the directory under models/ that the file lands in.
 BUILTIN_FOLDERS = (
@@ -42,6 +40,14 @@ SECRET_RE = re.compile(r"[A-Z][A-Z0-9_]*")
 FOLDER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 TOKENISH_QUERY = re.compile(r"(token|api[_-]?key|key|secret|signature|sig|password)", re.IGNORECASE)
+
+
+def _yaml() -> Any:
+    """PyYAML, imported only by the models.yaml functions: the node installer runs with ComfyUI's interpreter
+    and needs nothing beyond the standard library."""
+    import yaml
+
+    return yaml
 
 
 class ManifestError(ValueError):
@@ -172,6 +178,7 @@ def parse_manifest(text: str, path: Path | str = "models.yaml") -> Manifest:
     """Validate manifest text; ``path`` is only used to name the file in messages."""
     path = Path(path)
     problems = _Problems(str(path))
+    yaml = _yaml()
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -479,7 +486,7 @@ def edit_manifest_text(text: str, manifest: Manifest, changes: dict[int, dict[st
     ``hf.revision``. PyYAML cannot round-trip comments, so the edit works on the text at the positions PyYAML
     reports; the result is parsed again and must say exactly what was asked, or nothing is written.
     """
-    root = yaml.compose(text)
+    root = _yaml().compose(text)
     models = next(v for k, v in root.value if k.value == "models")
     edits: list[tuple[int, int, str, int]] = []
     for index, change in changes.items():
@@ -497,17 +504,17 @@ def edit_manifest_text(text: str, manifest: Manifest, changes: dict[int, dict[st
     return text
 
 
-def _child(mapping: yaml.MappingNode, key: str) -> yaml.MappingNode:
+def _child(mapping: Any, key: str) -> Any:
     return next(v for k, v in mapping.value if k.value == key)
 
 
 def _render(value: Any) -> str:
     """A scalar as YAML text that reads back as the same value (a digits-only hash must be quoted)."""
     plain = str(value)
-    return plain if yaml.safe_load(plain) == value else '"' + plain + '"'
+    return plain if _yaml().safe_load(plain) == value else '"' + plain + '"'
 
 
-def _set_key(text: str, mapping: yaml.MappingNode, key: str, value: Any) -> tuple[int, int, str]:
+def _set_key(text: str, mapping: Any, key: str, value: Any) -> tuple[int, int, str]:
     rendered = _render(value)
     for k, v in mapping.value:
         if k.value == key:  # replace the value in place; note what a block-style pin replaced
@@ -523,7 +530,7 @@ def _set_key(text: str, mapping: yaml.MappingNode, key: str, value: Any) -> tupl
         sep = ", " if mapping.value else ""
         return close, close, f"{sep}{key}: {rendered}"
     anchors = [(k, v) for k, v in mapping.value
-               if isinstance(v, yaml.ScalarNode) and v.start_mark.line == v.end_mark.line and v.style not in ("|", ">")]
+               if isinstance(v, _yaml().ScalarNode) and v.start_mark.line == v.end_mark.line and v.style not in ("|", ">")]
     if not anchors:
         raise ValueError(f"cannot place '{key}' in the mapping at line {mapping.start_mark.line + 1}; add it by hand")
     k, v = anchors[-1]

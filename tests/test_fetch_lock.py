@@ -78,19 +78,28 @@ def test_lock_pins_revisions_and_fills_hashes_and_sizes_keeping_comments(tmp_pat
     assert (models / "loras" / "l.safetensors").read_bytes() == lora
 
 
-def test_lock_dry_run_writes_nothing_and_optional_entries_without_secret_are_skipped(tmp_path: Path,
-                                                                                    hub: HubServer) -> None:
+def test_lock_dry_run_writes_nothing_and_needs_no_civitai_token(tmp_path: Path, hub: HubServer) -> None:
     hub.add_hf("acme/models", "base.safetensors", payload(5000, 1))
     hub.add_hf("acme/models", "sub/l.safetensors", payload(7000, 2))
+    civ_sha = hub.add_civitai(31337, "civ.safetensors", payload(9000, 3))
     manifest = tmp_path / "models.yaml"
-    manifest.write_text(MANIFEST)
+    text = MANIFEST + """\
+  - name: private
+    folder: loras
+    filename: p.safetensors
+    hf: {repo: acme/private, file: p.safetensors}
+    secret: HF_TOKEN
+    optional: true
+"""
+    manifest.write_text(text)
 
     result = lock(tmp_path, hub, manifest, "--dry-run")
 
     assert result.returncode == 0, result.stderr
     assert "lock entry 1 (base): hf.revision: " in result.stderr
-    assert "notice: lock skips optional entry 3 (civ): needs secret CIVITAI_TOKEN" in result.stderr
-    assert manifest.read_text() == MANIFEST
+    assert f"lock entry 3 (civ): sha256: {civ_sha}" in result.stderr  # Civitai publishes hashes without a token
+    assert "notice: lock skips optional entry 4 (private): needs secret HF_TOKEN" in result.stderr
+    assert manifest.read_text() == text
 
 
 def test_lock_refuses_to_overwrite_a_hash_the_hub_contradicts(tmp_path: Path, hub: HubServer) -> None:
