@@ -110,7 +110,7 @@ async def test_animated_outputs(standin: StandIn) -> None:
 
 
 async def test_loader_fails_at_run_time_when_the_file_vanished(standin_factory) -> None:
-    sd = standin_factory(models={"checkpoints": ["gone.safetensors"]})
+    sd = standin_factory(models={"checkpoints": ["gone.safetensors"]}, env={"STANDIN_NODE_DELAY_S": "0.5"})
     prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "gone.safetensors"}},
               "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
               "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
