@@ -279,7 +279,7 @@ class JobEngine:
             except asyncio.CancelledError:
                 await _shielded(self._abandon(job))
                 raise
-            except JobError:
+            except Exception:  # a JobError, or a bug: either way ComfyUI must let go of the prompt
                 await self._abandon(job)
                 raise
             mark = time.monotonic()
@@ -329,9 +329,9 @@ class JobEngine:
         if report.missing_names:
             catalog = await self._catalog_for(job, status.generation, exit_task, refresh=True)
             report = self._preflight(graph, catalog, resolved, status)
+        job.warnings.extend(report.warnings)
         if report.problems:
             raise ValidationError.with_problems(VALIDATION_PREFIX, report.problems)
-        job.warnings.extend(report.warnings)
         job.stage = "uploading the input images"
         uploaded = await self._upload(job, resolved, exit_task)
         graph = rewrite_inputs(graph, resolved, uploaded)

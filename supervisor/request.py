@@ -86,6 +86,13 @@ class JobRequest:
 
 def parse_request(raw: Any, settings: Settings) -> JobRequest:
     """Turn a job's ``input`` into a :class:`JobRequest`, or raise InvalidInputError / ValidationError."""
+    try:
+        return _parse(raw, settings)
+    except RecursionError:
+        raise InvalidInputError(f"{INVALID_PREFIX}: the input is nested too deeply") from None
+
+
+def _parse(raw: Any, settings: Settings) -> JobRequest:
     if not isinstance(raw, Mapping):
         raise InvalidInputError(
             f"{INVALID_PREFIX}: the job input must be a JSON object holding a 'workflow' (ComfyUI API format) "

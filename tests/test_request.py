@@ -310,3 +310,9 @@ def test_any_text_as_workflow_string_gives_a_job_or_a_clear_error(text: str) -> 
         parse({"workflow": text})
     except JobError as err:
         assert "\n" not in err.message
+
+
+def test_deeply_nested_values_are_a_clear_error_not_a_crash() -> None:
+    deep = json.loads("[" * 900 + "]" * 900)
+    err = error_of({"workflow": {"1": {"class_type": "X", "inputs": {"a": deep}}}})
+    assert err.message == "Invalid input: the input is nested too deeply"
