@@ -1,7 +1,12 @@
 """The worker's entry point: read the settings, start ComfyUI under supervision, then serve.
 
 ComfyUI is spawned first, before any heavy import, so its ~10 s start overlaps the worker's own start-up
-(``import runpod`` alone takes ~2 s).
+(``import runpod`` alone takes ~2 s). Then one front door serves jobs until it is told to stop:
+``WORKER_MODE=runpod`` the RunPod SDK's worker loop (:mod:`supervisor.runpod_handler`), ``http`` the
+self-hosted API with RunPod's contract (:mod:`supervisor.http_api`).
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT, or ``REFRESH_WORKER`` after its job), 1 when the supervisor
+is ``failed`` (crash loop: the platform should replace the worker), 2 on a configuration error.
 """
 
 from __future__ import annotations
@@ -11,9 +16,8 @@ import logging
 import signal
 import sys
 
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, load_settings
 from .logs import setup_logging
-from .states import State
 from .supervisor import ComfySupervisor
 
 log = logging.getLogger("supervisor.main")
@@ -31,33 +35,31 @@ def main() -> int:
         return EXIT_CONFIG
     setup_logging(settings.log_level)
     _default_sigint()
+    if settings.worker_mode == "http":
+        from .http_api import auth_refusal  # light: aiohttp only
+
+        refusal = auth_refusal(settings)
+        if refusal:
+            print(f"comfyui-worker: invalid configuration: {refusal}", file=sys.stderr)
+            return EXIT_CONFIG
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # until a front door installs its own handling
     supervisor = ComfySupervisor(settings)
     supervisor.start()
-    return asyncio.run(_serve(settings, supervisor))
+    if settings.worker_mode == "runpod":
+        from .runpod_handler import serve_runpod  # imports the RunPod SDK (~2 s) while ComfyUI starts
+
+        return serve_runpod(settings, supervisor)
+    from .http_api import serve
+
+    return asyncio.run(serve(settings, supervisor))
+
+
+def _exit_on_sigterm(_signum: int, _frame: object) -> None:
+    """SIGTERM during start-up: leave cleanly (atexit stops ComfyUI) instead of dying and orphaning it."""
+    raise SystemExit(EXIT_OK)
 
 
 def _default_sigint() -> None:
     """A worker started in the background by a shell inherits SIGINT as ignored, and so would ComfyUI."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-async def _serve(settings: Settings, supervisor: ComfySupervisor) -> int:
-    """Run until SIGTERM/SIGINT (exit 0 after a clean stop) or until the supervisor fails (exit 1)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    finished = asyncio.ensure_future(asyncio.to_thread(supervisor.wait_finished))
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({finished, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if supervisor.status().state is State.FAILED:
-        stopping.cancel()
-        log.error("exiting: %s", supervisor.status().message.splitlines()[0])
-        await asyncio.to_thread(supervisor.stop)
-        return EXIT_FAILED
-    log.info("stop requested: no new jobs; stopping ComfyUI")
-    supervisor.begin_shutdown()
-    await asyncio.to_thread(supervisor.stop)
-    finished.cancel()
-    return EXIT_OK

@@ -1,7 +1,8 @@
 """Which node classes the worker needs before it calls itself ready.
 
 They are the classes used by the named workflows baked into ``WORKFLOWS_DIR`` (each file either an
-API-format graph or ``{"workflow": graph, ...}``) plus the ``REQUIRED_NODES`` list. A class missing from
+API-format graph, ``{"workflow": graph, ...}`` or ComfyUI Deploy's ``{"workflow_api": graph, ...}``; see
+:mod:`supervisor.workflows`) plus the ``REQUIRED_NODES`` list. A class missing from
 ComfyUI means a node pack failed to import: the supervisor reports it as ``degraded`` at start-up instead
 of letting the first job discover it.
 """
@@ -21,6 +22,8 @@ def graph_of(document: Any) -> dict[str, Any] | None:
     """The API-format graph inside a workflow file, or None if the document holds none."""
     if isinstance(document, dict) and isinstance(document.get("workflow"), dict):
         document = document["workflow"]
+    elif isinstance(document, dict) and isinstance(document.get("workflow_api"), dict):
+        document = document["workflow_api"]
     if isinstance(document, dict) and document and all(
         isinstance(node, dict) and isinstance(node.get("class_type"), str) for node in document.values()
     ):

@@ -1,0 +1,187 @@
+"""The RunPod front door: the SDK's own worker loop (``runpod.serverless.start``) with an async handler.
+
+* Each job waits up to ``READY_WAIT_S`` for ComfyUI to serve, then runs on the job engine; progress goes out
+  through ``runpod.serverless.progress_update`` (throttled by ``PROGRESS_INTERVAL_S``).
+* The handler returns the response format's value (:mod:`supervisor.formats`); a failure is returned as
+  ``{"error": message}`` (the SDK marks the job FAILED with exactly that string), never raised (a raised
+  exception becomes a JSON-encoded traceback). Every return value is checked to be JSON: the SDK silently
+  loses a result it cannot serialise.
+* The SDK cancels a stopped job's task; the engine turns that ``CancelledError`` into an interrupt (or a
+  queue removal) in ComfyUI and cleans up; no result is posted, as the SDK intends.
+* ``MAX_CONCURRENCY`` through ``concurrency_modifier``; ``REFRESH_WORKER=true`` through the SDK's
+  ``refresh_worker`` (every result carries ``stopPod: true`` and the worker exits 0 after its first job).
+* SIGTERM/SIGINT are the SDK's: it stops taking jobs, lets the running ones finish and post, and returns.
+* A ``failed`` supervisor (crash loop) ends the worker with exit 1: the handler stops the SDK's loop the way
+  a SIGTERM does, jobs in flight fail with ComfyUI's error, and the platform replaces the worker.
+
+The SDK reads its own environment (``RUNPOD_WEBHOOK_*``, ``RUNPOD_POD_ID``...) when it is imported; that is
+the platform's contract with it, not a setting of this worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from supervisor.config import Settings
+from supervisor.errors import ComfyUnavailableError, InternalError, JobError
+from supervisor.formats import Outcome, failure, requested_format, success
+from supervisor.states import State, Status
+from supervisor.workflows import WorkflowLibrary, prepare_input
+
+log = logging.getLogger("supervisor.runpod")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+SDK_FETCH_TIMEOUT_S = 90.0  # the SDK's own bound on one job-take long-poll
+SDK_LOG_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARN", "ERROR": "ERROR", "CRITICAL": "ERROR"}
+
+
+class RunPodHandler:
+    """The handler the SDK calls for each job; one per worker."""
+
+    def __init__(self, settings: Settings, supervisor: Any, library: WorkflowLibrary) -> None:
+        from supervisor.jobs import JobEngine
+
+        self.settings = settings
+        self.supervisor = supervisor
+        self.library = library
+        self.engine = JobEngine(settings, supervisor)
+        self.failed = threading.Event()
+        self.running = 0
+
+    async def handle(self, job: dict[str, Any]) -> Any:
+        job_id = str(job.get("id", "?"))
+        raw = job.get("input")
+        fmt = requested_format(raw, self.settings.response_format)
+        self.running += 1
+        started = time.monotonic()
+        try:
+            outcome = await self._run(job, job_id, raw, fmt)
+        except asyncio.CancelledError:
+            log.info("job %s stopped by RunPod after %.2f s; ComfyUI was interrupted", job_id,
+                     time.monotonic() - started)
+            raise
+        finally:
+            self.running -= 1
+        value = outcome.handler_return()
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            log.error("job %s: the result is not JSON (%s)", job_id, exc)
+            value = {"error": f"Internal error of the worker: the result is not JSON ({exc})"}
+        took = time.monotonic() - started
+        if outcome.error:
+            log.info("job %s %s after %.2f s: %s", job_id, outcome.status, took, outcome.error.splitlines()[0])
+        else:
+            log.info("job %s %s in %.2f s", job_id, outcome.status, took)
+        if self.failed.is_set():
+            _request_stop()
+        return value
+
+    async def _run(self, job: dict[str, Any], job_id: str, raw: Any, fmt: str) -> Outcome:
+        try:
+            await self._wait_ready()
+            request = prepare_input(raw, self.library)
+            result = await self.engine.run_job(job_id, request, lambda event: self._progress(job, event))
+            return success(result, result.response_format or fmt)
+        except JobError as err:
+            return failure(err, fmt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the SDK would post a JSON-encoded traceback instead
+            log.exception("job %s failed unexpectedly", job_id)
+            return failure(InternalError(f"Internal error of the worker: {type(exc).__name__}: {exc}"), fmt)
+
+    async def _wait_ready(self) -> None:
+        try:
+            await self.supervisor.wait_ready(self.settings.ready_wait_s)
+        except TimeoutError as exc:
+            raise ComfyUnavailableError(f"{exc} (READY_WAIT_S)") from None
+        except RuntimeError as exc:
+            raise ComfyUnavailableError(str(exc), details={"log_tail": self.supervisor.log_tail(20)}) from None
+
+    @staticmethod
+    def _progress(job: dict[str, Any], event: dict[str, Any]) -> None:
+        import runpod
+
+        runpod.serverless.progress_update(job, event)
+
+    def concurrency(self, _current: int) -> int:
+        return self.settings.max_concurrency
+
+    def on_status(self, status: Status) -> None:
+        """Supervisor listener (its thread): a failed supervisor ends the worker."""
+        if status.state is State.FAILED and not self.failed.is_set():
+            self.failed.set()
+            first = (status.message or "ComfyUI failed").splitlines()[0]
+            log.error("ending the worker: %s", first)
+            threading.Thread(target=self._end_worker, name="end-worker", daemon=True).start()
+
+    def _end_worker(self) -> None:
+        """Stop the SDK's loop like a SIGTERM would; if it does not end in time, leave anyway (exit 1)."""
+        _request_stop()
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + SDK_FETCH_TIMEOUT_S + 5
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            if self.running == 0:
+                _request_stop()  # in case the SDK installed its handler after the first signal
+        log.error("the RunPod worker loop did not end; exiting")
+        self.supervisor.stop()
+        os._exit(EXIT_FAILED)
+
+
+def _request_stop() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def serve_runpod(settings: Settings, supervisor: Any) -> int:
+    """Run the SDK's worker loop until it ends; the exit code for main()."""
+    failed_early = threading.Event()
+
+    def early_signal(signum: int, _frame: Any) -> None:
+        # Before the SDK installs its handlers: nothing was taken yet, so leave at once (atexit stops ComfyUI).
+        raise SystemExit(EXIT_FAILED if failed_early.is_set() else EXIT_OK)
+
+    signal.signal(signal.SIGTERM, early_signal)
+    library = WorkflowLibrary.load(settings.workflows_dir)
+    handler = RunPodHandler(settings, supervisor, library)
+
+    def listener(status: Status) -> None:
+        if status.state is State.FAILED:
+            failed_early.set()
+        handler.on_status(status)
+
+    supervisor.add_listener(listener)
+    if supervisor.status().state is State.FAILED:
+        listener(supervisor.status())
+
+    import runpod  # noqa: E402 - heavy (~2 s): imported only now, while ComfyUI starts
+
+    log.info("RunPod worker loop starting (concurrency %d%s; %d named workflow(s))", settings.max_concurrency,
+             ", refresh worker after each job" if settings.refresh_worker else "", len(library.workflows))
+    # The SDK parses the command line for its own flags; its log level follows LOG_LEVEL (at DEBUG it logs
+    # every result in full, base64 included).
+    sys.argv = sys.argv[:1] + ["--rp_log_level", SDK_LOG_LEVELS.get(settings.log_level, "INFO")]
+    config: dict[str, Any] = {
+        "handler": handler.handle,
+        "concurrency_modifier": handler.concurrency,
+        "refresh_worker": settings.refresh_worker,
+    }
+    runpod.serverless.start(config)
+    try:  # the SDK's loop is gone: close the engine's sessions on a short-lived loop of our own
+        asyncio.run(asyncio.wait_for(handler.engine.close(), 15))
+    except Exception as exc:  # noqa: BLE001 - only tidiness at exit
+        log.debug("closing the job engine after the worker loop: %s", exc)
+    failed = supervisor.status().state is State.FAILED or handler.failed.is_set()
+    log.info("RunPod worker loop ended%s; stopping ComfyUI", " (ComfyUI failed)" if failed else "")
+    supervisor.begin_shutdown()
+    supervisor.stop()
+    return EXIT_FAILED if failed else EXIT_OK
