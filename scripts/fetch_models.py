@@ -133,6 +133,13 @@ class Oversize(FetchError):
     """The server sent more bytes than the file has: the part is garbage and is deleted."""
 
 
+class Interrupted(FetchError):
+    """Ctrl-C / SIGINT: every download stops at its next chunk and keeps its part for the next run."""
+
+
+STOP = threading.Event()
+
+
 # ------------------------------------------------------------------------------------------------ progress
 
 
@@ -315,6 +322,8 @@ def stream_body(chunks: Iterator[bytes], f: BinaryIO, hasher: Any | None, thread
     written = 0
     try:
         for chunk in chunks:
+            if STOP.is_set():
+                raise Interrupted("interrupted")
             if limit is not None and written + len(chunk) > limit:
                 raise Oversize(f"the server sent more than the expected {limit} bytes")
             writer.write(chunk)
@@ -448,7 +457,8 @@ def _hf_error(exc: Exception, t: Target, src: HfSource) -> Exception:
     if isinstance(exc, errors.RemoteEntryNotFoundError):
         return FetchError(f"{where}: file {src.file!r} does not exist at revision {src.revision!r}")
     if isinstance(exc, errors.HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "?"
+        response = getattr(exc, "response", None)
+        status = response.status_code if response is not None else "?"
         if status in TRANSIENT_STATUS:
             return Transient(f"the hub answered {status}")
         return FetchError(f"{where}: the hub answered {status}")
@@ -559,6 +569,9 @@ class Fetcher:
 
     def _check_remote(self, t: Target, remote: Remote, expected: str) -> None:
         """Fail before downloading gigabytes when the source already says it holds other bytes."""
+        if t.entry.size is not None and remote.size is not None and remote.size != t.entry.size:
+            raise FetchError(f"{t.entry.label}: the manifest says {t.entry.size} bytes but "
+                             f"{t.entry.source.describe()} has {remote.size}; fix 'size' (or remove it)")
         if remote.sha256 and remote.sha256 != expected:
             where = f" at commit {remote.commit}" if remote.commit else ""
             raise FetchError(f"{t.entry.label}: the hub's file {t.entry.source.describe()}{where} has sha256 "
@@ -792,27 +805,37 @@ def run_targets(cfg: FetchConfig, targets: list[Target]) -> int:
     started = time.monotonic()
     failures: list[str] = []
     counts: dict[str, int] = {}
+    tally = threading.Lock()
     with Progress(cfg.progress, cfg.progress_interval_s, cfg.jobs) as progress:
         fetcher = Fetcher(cfg, progress)
 
         def one(t: Target) -> None:
             try:
                 how = fetcher.fetch(t)
-            except FetchError as exc:
-                failures.append(str(exc))
-                progress.log(f"{PROG}: FAILED {exc}")
+            except Exception as exc:  # noqa: BLE001 - reported per entry; unexpected ones with their type
+                if isinstance(exc, Interrupted):
+                    line = f"{t.entry.label}: interrupted; the part is kept for the next run"
+                elif isinstance(exc, FetchError):
+                    line = str(exc)
+                else:
+                    line = f"{t.entry.label}: {type(exc).__name__}: {exc}"
+                with tally:
+                    failures.append(line)
+                progress.log(f"{PROG}: FAILED {line}")
                 return
-            except Exception as exc:  # noqa: BLE001 - reported per entry, with its type
-                failures.append(f"{t.entry.label}: {type(exc).__name__}: {exc}")
-                progress.log(f"{PROG}: FAILED {t.entry.label}: {type(exc).__name__}: {exc}")
-                return
-            counts[how] = counts.get(how, 0) + 1
+            with tally:
+                counts[how] = counts.get(how, 0) + 1
             progress.log(f"{PROG}: {how:>10}  {t.entry.destination}")
 
+        pool = ThreadPoolExecutor(max_workers=cfg.jobs, thread_name_prefix="fetch")
         try:
-            with ThreadPoolExecutor(max_workers=cfg.jobs, thread_name_prefix="fetch") as pool:
-                list(pool.map(one, targets))
+            list(pool.map(one, targets))
+        except KeyboardInterrupt:
+            STOP.set()  # running downloads stop at their next chunk, keeping their parts
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
         finally:
+            pool.shutdown(wait=True)
             fetcher.close()
     summary = ", ".join(f"{n} {how}" for how, n in sorted(counts.items())) or "nothing to do"
     print(f"{PROG}: {summary} in {time.monotonic() - started:.1f}s", file=sys.stderr)

@@ -412,3 +412,31 @@ def test_dry_run_prints_the_plan_and_total_size_without_network(run: Run, hub: H
     assert "total: 3 file(s), 3.0 MiB + 1 file(s) of unknown size" in result.stdout
     assert hub.log() == []
     assert not run.models.exists()
+
+
+def test_a_manifest_size_the_source_contradicts_fails_before_downloading(run: Run, hub: HubServer) -> None:
+    hub.add_hf("acme/models", "s.safetensors", payload(SIZE))
+    run.write(hf_entry("s", "acme/models", "s.safetensors", "vae/s.safetensors", f"size: {SIZE + 1}"))
+
+    result = run.fetch()
+
+    assert result.returncode == 1
+    assert f"entry 1 (s): the manifest says {SIZE + 1} bytes but" in result.stderr and f"has {SIZE}" in result.stderr
+    assert hub.body_requests() == []
+
+
+def test_the_output_filter_masks_every_known_secret_value(capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from build_common import Redactor, redacted_stdio
+
+    redact = Redactor()
+    redact.add(TOKEN, None, "ab")  # too short to mask: it would garble every line
+    with redacted_stdio(redact):
+        print(f"Authorization: Bearer {TOKEN}")
+        print(f"oops {TOKEN[:-1]} ab", file=sys.stderr)
+
+    out, err = capsys.readouterr()
+    assert out == "Authorization: Bearer ***\n"
+    assert err == f"oops {TOKEN[:-1]} ab\n"
