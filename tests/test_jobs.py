@@ -364,3 +364,26 @@ async def test_result_serialises_to_json(rig: Rig) -> None:
     text = json.dumps(result.to_dict())
     assert json.loads(text)["outputs"][0]["filename"] == "PonyV6_00001_.png"
     assert len(text) < rig.settings.max_output_bytes
+
+
+async def test_object_info_is_fetched_once_and_again_when_a_name_is_missing(rig: Rig) -> None:
+    engine = rig.engine()
+    before = len(rig.requests())
+    try:
+        await engine.run_job("a", {"workflow": flux(71)})
+        await engine.run_job("b", {"workflow": flux(72)})
+        assert [r["path"] for r in rig.requests()[before:]].count("/object_info") == 1
+        missing = flux(73)
+        missing["30"]["inputs"]["ckpt_name"] = "later.safetensors"
+        with pytest.raises(ValidationError):
+            await engine.run_job("c", {"workflow": missing})
+        assert [r["path"] for r in rig.requests()[before:]].count("/object_info") == 2  # refreshed once
+        from tests.helpers.standin import write_model_file
+        write_model_file(rig.root / "models" / "checkpoints" / "later.safetensors")
+        try:
+            result = await engine.run_job("d", {"workflow": missing})  # installed since: found after a refresh
+        finally:
+            (rig.root / "models" / "checkpoints" / "later.safetensors").unlink()
+        assert len(result.outputs) == 1
+    finally:
+        await engine.close()

@@ -68,7 +68,7 @@ async def test_deadline_interrupts_the_running_prompt_and_the_next_job_runs(slow
         elapsed = time.monotonic() - started
         assert info.value.message == "Job timed out after 1 s while running node 31 (KSampler)"
         assert info.value.kind == "timeout"
-        assert elapsed < 4.0, elapsed  # interrupted at the next sampler step, not run to its end
+        assert elapsed < 3.5, elapsed  # interrupted at the next sampler step, not run to its 4 s end
         assert queue_ids(slow_rig) == ([], [])
         history = slow_rig.comfy_get(f"/history/{info.value.details['prompt_id']}")
         assert history[info.value.details["prompt_id"]]["status"]["status_str"] == "error"  # interrupted
@@ -114,7 +114,7 @@ async def test_cancelled_while_queued_is_removed_from_the_queue_and_returns_noth
         started = time.monotonic()
         with pytest.raises(asyncio.CancelledError):
             await first
-        assert time.monotonic() - started < 2.0  # interrupted at a sampler step
+        assert time.monotonic() - started < 3.0  # interrupted at a sampler step, not run to its end
         assert queue_ids(slow_rig) == ([], [])
         assert slow_rig.comfy_get(f"/history/{pending[0]}") == {}
         result = await run(engine, {"workflow": flux(7, steps=2)})
@@ -139,7 +139,7 @@ async def test_kill_9_mid_job_fails_at_once_with_the_exit_and_the_log(tmp_path) 
             os.kill(pid, signal.SIGKILL)
             with pytest.raises(ComfyUnavailableError) as info:
                 await task
-            assert time.monotonic() - killed < 1.5
+            assert time.monotonic() - killed < 3.0  # at once, not after reconnect attempts or the deadline
             assert info.value.message == (
                 f"ComfyUI stopped while running node 31 (KSampler): ComfyUI (pid {pid}) was killed by signal 9 (SIGKILL)")
             assert info.value.details["signal"] == 9
@@ -148,8 +148,11 @@ async def test_kill_9_mid_job_fails_at_once_with_the_exit_and_the_log(tmp_path) 
             assert rig.job_files() == []
             await wait_until(lambda: rig.sup.status().state.serving and rig.sup.status().pid != pid, timeout=20,
                              what="the restart")
+            before = len(rig.requests())
             result = await run(engine, {"workflow": flux(9, steps=2)})  # the next job runs on the new process
             assert len(result.outputs) == 1
+            # the new process's catalogue was fetched: the old one may describe other nodes
+            assert [r["path"] for r in rig.requests()[before:]].count("/object_info") == 1
         finally:
             await engine.close()
 
