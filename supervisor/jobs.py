@@ -704,6 +704,8 @@ class JobEngine:
     def _remove_files(self, job: _Job) -> None:
         for root in (self.dirs.input, self.dirs.output):
             shutil.rmtree(root / job.folder, ignore_errors=True)
+        if not job.extra_files and job.executed:  # failed before reading outputs: what the events reported
+            job.extra_files = self._files_to_delete(job, collect_refs(job.executed, job.request.workflow, job.cached))
         for path in job.extra_files:
             try:
                 path.unlink(missing_ok=True)

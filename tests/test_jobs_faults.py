@@ -221,6 +221,8 @@ async def test_execution_error_names_node_type_exception_and_message(failing_rig
              "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-dev-fp8.safetensors"}},
              "3": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["2", 2]}},
              "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}}
+    graph["5"] = {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}  # runs (and writes) before the error
+    graph["6"] = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 9}}
     engine = failing_rig.engine()
     try:
         with pytest.raises(ExecutionError) as info:
