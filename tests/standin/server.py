@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 import urllib.parse
 import uuid
@@ -475,7 +474,12 @@ def prompt_worker(server: PromptServer) -> None:
             started = time.perf_counter()
             prompt_id = item[1]
             server.last_prompt_id = prompt_id
-            executor.execute(item[2], prompt_id, dict(item[3]), item[4])
+            try:
+                executor.execute(item[2], prompt_id, dict(item[3]), item[4])
+            except Exception:  # noqa: BLE001 - a stand-in bug must not wedge the queue silently
+                logging.exception("[standin] internal error while executing prompt %s", prompt_id)
+                executor.success = False
+                executor.history_result = {"outputs": {}, "meta": {}}
             status = {"status_str": "success" if executor.success else "error",
                       "completed": executor.success, "messages": executor.status_messages}
             q.task_done(item_id, executor.history_result, status=status, process_item=_remove_sensitive)
@@ -500,6 +504,3 @@ def hang_event_loop(loop: asyncio.AbstractEventLoop) -> None:
     """For STANDIN_NODE_FAULT=...:hang: park the event loop thread so nothing is answered any more."""
     loop.call_soon_threadsafe(faults.hang_forever)
 
-
-def log_startup_banner(args: Any) -> None:
-    logging.info(f"[standin] python {sys.version.split()[0]}")
