@@ -10,6 +10,7 @@ Routes that only acknowledge (``POST /queue``, ``/interrupt``) answer 200 with a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -128,13 +129,14 @@ class ComfyClient:
         """Open ``/ws?clientId=...``; events of prompts queued with this client id come here."""
         url = self.base_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/ws"
         try:
-            return await self.session.ws_connect(
-                url,
-                params={"clientId": client_id},
-                heartbeat=WS_HEARTBEAT_S,
-                max_msg_size=WS_MAX_MSG,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5),
-            )
+            async with asyncio.timeout(CONTROL_TIMEOUT.total):
+                return await self.session.ws_connect(
+                    url,
+                    params={"clientId": client_id},
+                    heartbeat=WS_HEARTBEAT_S,
+                    max_msg_size=WS_MAX_MSG,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                )
         except aiohttp.ClientError as exc:
             raise self.unreachable(f"the websocket could not be opened: {_why(exc)}") from None
         except TimeoutError:
