@@ -27,7 +27,15 @@ dev: venv ## Run the worker on this machine (no GPU) against the stand-in ComfyU
 	COMFYUI_DIR=tests/standin COMFYUI_ARGS="--cpu" DATA_DIR=data/dev MODELS_DIR=data/dev/models \
 	WORKER_MODE=http STATE_FILE=data/dev/state.json $(PY) -m supervisor
 
-.PHONY: help venv test dev
+bench: venv ## Benchmarks: prints a table, writes bench.json and docs/benchmarks.md (QUICK=1 for the CI version)
+	@echo ">> benchmarks against $${COMFYUI_DIR:-the stand-in ComfyUI}$(if $(QUICK), (quick))"
+	$(PY) scripts/bench.py $(if $(QUICK),--quick)
+
+chaos: venv ## Chaos soak through the self-hosted API: 500 jobs while ComfyUI is killed and stopped (QUICK=1: ~60 jobs)
+	@echo ">> chaos soak on loopback$(if $(QUICK), (quick))"
+	$(PY) scripts/chaos.py $(if $(QUICK),--quick)
+
+.PHONY: help venv test dev bench chaos
 
 # ------------------------------------------------------------------------------------------------ the image
 # `make build` bakes ComfyUI, the pinned custom nodes (custom_nodes.txt) and the verified models (models.yaml)
