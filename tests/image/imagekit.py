@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tarfile
 import threading
@@ -139,6 +140,60 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class GitDaemon:
+    """A ComfyUI source repository (a copy of the stand-in) served by `git daemon` (git://) on 127.0.0.1: the
+    smart protocol, like GitHub's, which the Dockerfile's shallow fetch of a tag or a commit needs."""
+
+    TAG = "v0.0.1-imagetest"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tagged = ""  # the commit the tag points to
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GitDaemon:
+        work, serve = self.root / "work", self.root / "serve"
+        shutil.copytree(ROOT / "tests" / "standin", work, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        env = {**os.environ, "GIT_AUTHOR_NAME": "image test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+               "GIT_COMMITTER_NAME": "image test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+        run(["git", "init", "-q", "-b", "master", str(work)])
+        run(["git", "-C", str(work), "add", "-A"])
+        run(["git", "-C", str(work), "commit", "-q", "-m", "ComfyUI stand-in"], env=env)
+        run(["git", "-C", str(work), "tag", "-a", self.TAG, "-m", "a release"], env=env)
+        self.tagged = run(["git", "-C", str(work), "rev-parse", "HEAD"]).stdout.strip()
+        (work / "AFTER_THE_TAG.txt").write_text("not in the release\n")
+        run(["git", "-C", str(work), "add", "-A"])
+        run(["git", "-C", str(work), "commit", "-q", "-m", "after the release"], env=env)
+        run(["git", "clone", "-q", "--bare", str(work), str(serve / "ComfyUI.git")])
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._proc = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={serve}",
+                                       "--listen=127.0.0.1", f"--port={self.port}", str(serve)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self._listening, 10, f"git daemon on 127.0.0.1:{self.port}", interval=0.05)
+        return self
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    @property
+    def url(self) -> str:
+        return f"git://127.0.0.1:{self.port}/ComfyUI.git"
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+            self._proc = None
+
+
 # ------------------------------------------------------------------------------------------------ build
 
 
@@ -157,7 +212,8 @@ class Build:
         return "\n".join(self.log.splitlines()[-lines:])
 
 
-def make_build_args(context: Path, tag: str, hub_endpoint: str, token_file: Path) -> list[str]:
+def make_build_args(context: Path, tag: str, hub_endpoint: str, token_file: Path | None,
+                    extra_args: tuple[str, ...] = (), extra_flags: tuple[str, ...] = ()) -> list[str]:
     """The `make build` command line of the test variant (the same target users run)."""
     build_args = " ".join([
         "--build-arg COMFYUI_SOURCE=local",
@@ -166,11 +222,13 @@ def make_build_args(context: Path, tag: str, hub_endpoint: str, token_file: Path
         "--build-arg SYSTEM_PACKAGES=",
         f"--build-arg 'COMFYUI_EXTRA_PACKAGES={STANDIN_PACKAGES}'",
         f"--build-arg HF_ENDPOINT={hub_endpoint}",
+        *extra_args,
     ])
+    secrets = [f"HF_TOKEN_FILE={token_file}"] if token_file else []
     return ["make", "--no-print-directory", "-C", str(ROOT), "build",
             f"DOCKER={DOCKER_CLI}", f"IMAGE={IMAGE}", f"TAG={tag}", f"BASE_IMAGE={BASE_TAG}",
-            f"CONTEXT={context}", "PROGRESS=plain", f"HF_TOKEN_FILE={token_file}",
-            "BUILD_FLAGS=--network host", f"BUILD_ARGS={build_args}"]
+            f"CONTEXT={context}", "PROGRESS=plain", *secrets,
+            f"BUILD_FLAGS={' '.join(('--network host', *extra_flags))}", f"BUILD_ARGS={build_args}"]
 
 
 def run_build(cmd: list[str], log_path: Path, report: Callable[[str], None], timeout_s: float) -> Build:

@@ -32,6 +32,7 @@ from tests.image.imagekit import (
     IMAGE,
     PACK_CLASS,
     PACK_NAME,
+    GitDaemon,
     GitPackServer,
     Hub,
     ImageUnderTest,
@@ -41,6 +42,7 @@ from tests.image.imagekit import (
     health,
     history_text,
     image_layers,
+    make_build_args,
     run_build,
     scan_saved_image,
     wait_for,
@@ -106,6 +108,30 @@ def test_node_pack_is_installed_at_its_pinned_commit(engine: Any, image: ImageUn
     assert "later-present" not in out, f"{target} is not at the pinned commit {pack.commit}: {out}"
 
 
+def test_comfyui_from_git_is_the_pinned_ref(engine: Any, image: ImageUnderTest, hub: Hub, tmp_path: Any,
+                                           report: Callable[[str], None]) -> None:
+    """The users' path (COMFYUI_SOURCE=git): a shallow fetch of COMFYUI_REF from COMFYUI_REPO, here a git daemon
+    on loopback serving the stand-in with a release tag and a later commit. Only that stage is built."""
+    daemon = GitDaemon(tmp_path / "git").start()
+    try:
+        tag = f"{image.ref.split(':')[1]}-git"
+        cmd = make_build_args(image.context, tag, hub.server.endpoint, None,
+                              extra_args=(f"--build-arg COMFYUI_REPO={daemon.url}",
+                                          f"--build-arg COMFYUI_REF={GitDaemon.TAG}"),
+                              extra_flags=("--target comfyui-git",))
+        build = run_build(cmd, tmp_path / "git-build.log", report, 600)
+    finally:
+        daemon.stop()
+    assert build.ok, f"the comfyui-git stage did not build:\n{build.tail()}"
+    try:
+        out = shell(engine, f"{IMAGE}:{tag}", "cat /opt/ComfyUI/.comfyui-commit; ls -a /opt/ComfyUI")
+    finally:
+        engine.images.remove(f"{IMAGE}:{tag}")
+    commit, *listing = out.split()
+    assert commit == daemon.tagged
+    assert "main.py" in listing and "AFTER_THE_TAG.txt" not in listing and ".git" not in listing, listing
+
+
 # ------------------------------------------------------------------------------------------------ running
 
 
@@ -137,6 +163,29 @@ def test_healthcheck_is_healthy_when_the_worker_is_ready(worker: Worker) -> None
     # REQUIRED_NODES names the git pack's class: "ready" (not "degraded") proves ComfyUI registered it.
     assert state["state"] == "ready", state
     assert "healthy: supervisor state is 'ready'" in health(container)["Log"][-1]["Output"]
+
+
+def test_healthcheck_works_in_runpod_mode_without_an_http_api(engine: Any, image: ImageUnderTest) -> None:
+    if not (image.context / "supervisor" / "runpod_handler.py").exists():
+        pytest.skip("the RunPod front door (supervisor/runpod_handler.py) is not in this checkout yet")
+    # RunPod's job queue is unreachable here: the SDK's loop keeps asking, the supervisor is ready all the same.
+    container = engine.containers.run(
+        image.ref, detach=True, name=f"imagetest-runpod-{uuid.uuid4().hex[:8]}",
+        environment={"RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:9/job-take/$RUNPOD_POD_ID",
+                     "RUNPOD_POD_ID": "imagetest", "RUNPOD_AI_API_KEY": secrets.token_urlsafe(16)},
+        healthcheck=healthcheck_fast(image.ref, engine))
+    try:
+        wait_for(lambda: health(container).get("Status") == "healthy" or container.status == "exited",
+                 READY_TIMEOUT_S, "the RunPod-mode worker's health")
+        logs = container.logs(tail=40).decode(errors="replace")
+        assert health(container)["Status"] == "healthy", f"{dump(health(container))}\n{logs}"
+        # nothing listens on the API port in this mode (ComfyUI's 8188 on loopback only)
+        code, out = container.exec_run(["cat", "/proc/net/tcp", "/proc/net/tcp6"])
+        listening = {int(line.split()[1].rsplit(":", 1)[1], 16) for line in out.decode().splitlines()[1:]
+                     if len(line.split()) > 3 and line.split()[3] == "0A"}
+        assert 8000 not in listening and 8188 in listening, listening
+    finally:
+        container.remove(force=True)
 
 
 def _images_in(obj: Any) -> list[bytes]:
