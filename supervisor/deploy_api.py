@@ -211,6 +211,7 @@ class DeployFacade:
             data += chunk
             if len(data) > limit:
                 return error_response(413, f"the file is over the {limit} bytes limit (MAX_INPUT_BYTES)")
+
         def _write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".part")
@@ -243,7 +244,7 @@ class DeployFacade:
             rec = await self.service.journal.get_upload(match.group(1))
             if rec is None or rec.size is None:
                 continue
-                data = await asyncio.to_thread(Path(rec.path).read_bytes)
+            data = await asyncio.to_thread(Path(rec.path).read_bytes)
             inputs[key] = f"data:{rec.content_type};base64," + base64.b64encode(data).decode("ascii")
             changed = True
         return {**job_input, "inputs": inputs} if changed else job_input

@@ -105,7 +105,6 @@ class Job:
     task: asyncio.Task[Outcome] | None = None
     cancel_requested: bool = False
     progress: collections.deque[Any] = field(default_factory=lambda: collections.deque(maxlen=MAX_STREAM_ITEMS))
-    last_progress: Any = None
     final_streamed: bool = False
 
     @property
@@ -113,14 +112,14 @@ class Job:
         return self.record.id
 
 
-def job_body(rec: JobRecord, last_progress: Any = None) -> dict[str, Any]:
-    """The RunPod job body for ``/status``, ``/runsync`` and webhooks."""
+def job_body(rec: JobRecord) -> dict[str, Any]:
+    """The RunPod job body for ``/status``, ``/runsync`` and webhooks.
+
+    Queued and running jobs answer ``{"id", "status"}`` only, as the seeds document it; progress is read from
+    ``/stream``.
+    """
     body: dict[str, Any] = {"id": rec.id, "status": rec.status}
-    if rec.status == IN_QUEUE:
-        return body
-    if rec.status == IN_PROGRESS:
-        if last_progress is not None:
-            body["output"] = last_progress
+    if rec.status in (IN_QUEUE, IN_PROGRESS):
         return body
     started = rec.started_at if rec.started_at is not None else rec.finished_at or rec.created_at
     finished = rec.finished_at if rec.finished_at is not None else started
@@ -238,10 +237,8 @@ class JobService:
         return rec, job
 
     async def body(self, job_id: str) -> dict[str, Any] | None:
-        rec, job = await self.record(job_id)
-        if rec is None:
-            return None
-        return job_body(rec, job.last_progress if job is not None else None)
+        rec, _job = await self.record(job_id)
+        return None if rec is None else job_body(rec)
 
     async def wait(self, job_id: str, timeout: float) -> None:
         job = self.jobs.get(job_id)
@@ -388,7 +385,6 @@ class JobService:
         return outcome
 
     def _progress(self, job: Job, event: Any) -> None:
-        job.last_progress = event
         job.progress.append(event)
 
     async def _finish(self, job: Job, outcome: Outcome) -> None:
