@@ -95,16 +95,18 @@ def stage_context(dest: Path, models_yaml: str, custom_nodes_txt: str) -> Path:
 class GitPackServer:
     """A bare git repository with one node pack, served over git's dumb HTTP protocol on 127.0.0.1."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, name: str = PACK_NAME, init_py: str = PACK_INIT) -> None:
         self.root = root
+        self.name = name
+        self.init_py = init_py
         self.commit = ""
         self._server: http.server.ThreadingHTTPServer | None = None
 
     def start(self) -> GitPackServer:
         work = self.root / "work"
-        bare = self.root / "serve" / f"{PACK_NAME}.git"
+        bare = self.root / "serve" / f"{self.name}.git"
         work.mkdir(parents=True)
-        (work / "__init__.py").write_text(PACK_INIT)
+        (work / "__init__.py").write_text(self.init_py)
         (work / "requirements.txt").write_text("PyYAML\n")  # already in ComfyUI's venv: a no-op install
         env = {**os.environ, "GIT_AUTHOR_NAME": "image test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
                "GIT_COMMITTER_NAME": "image test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
@@ -126,7 +128,7 @@ class GitPackServer:
     @property
     def url(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/{PACK_NAME}.git"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/{self.name}.git"
 
     def stop(self) -> None:
         if self._server is not None:

@@ -19,6 +19,7 @@ import base64
 import binascii
 import json
 import secrets
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -130,6 +131,25 @@ def test_comfyui_from_git_is_the_pinned_ref(engine: Any, image: ImageUnderTest, 
     commit, *listing = out.split()
     assert commit == daemon.tagged
     assert "main.py" in listing and "AFTER_THE_TAG.txt" not in listing and ".git" not in listing, listing
+
+
+def test_a_node_pack_that_does_not_import_fails_the_build(image: ImageUnderTest, hub: Hub, tmp_path: Any,
+                                                          report: Callable[[str], None]) -> None:
+    """ComfyUI would skip a broken pack silently at run time; the build must stop instead."""
+    broken = GitPackServer(tmp_path / "broken", name="ComfyUI-BrokenPack",
+                           init_py='raise ImportError("broken on purpose by the image test")\n').start()
+    context = image.context.parent / "context-broken"
+    shutil.copytree(image.context, context)
+    (context / "custom_nodes.txt").write_text(f"{broken.url}@{broken.commit}\n")
+    try:
+        tag = f"{image.ref.split(':')[1]}-broken"
+        cmd = make_build_args(context, tag, hub.server.endpoint, image.token_file)
+        build = run_build(cmd, tmp_path / "broken-build.log", report, 600)
+    finally:
+        broken.stop()
+        shutil.rmtree(context, ignore_errors=True)
+    assert not build.ok, "the build succeeded with a node pack that cannot be imported"
+    assert "ComfyUI-BrokenPack" in build.log and "install_nodes.py" in build.log, build.tail()
 
 
 # ------------------------------------------------------------------------------------------------ running
