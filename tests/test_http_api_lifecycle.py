@@ -170,3 +170,18 @@ def _try_post(worker: ApiWorker) -> str | None:
     except OSError:
         return None
     return body["id"] if status == 200 else None
+
+
+def test_max_concurrency_runs_that_many_jobs_at_once(tmp_path: Path) -> None:
+    worker = start(tmp_path, MAX_CONCURRENCY="2")
+    try:
+        jobs = [worker.api.ok("POST", "/run", with_steps(60))["id"] for _ in range(3)]
+        wait_for(lambda: [worker.api.ok("GET", f"/status/{j}")["status"] for j in jobs]
+                 == ["IN_PROGRESS", "IN_PROGRESS", "IN_QUEUE"], 20, what="two jobs running, one queued")
+        health = worker.api.ok("GET", "/health")
+        assert health["workers"] == {**health["workers"], "running": 2, "idle": 0}
+        assert health["jobs"]["inProgress"] == 2 and health["jobs"]["inQueue"] == 1
+        for job in jobs:
+            assert worker.api.wait_status(job, ("COMPLETED",), timeout=60)["output"]["images"]
+    finally:
+        assert stop(worker) == 0

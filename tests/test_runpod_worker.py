@@ -210,3 +210,14 @@ def test_failed_supervisor_ends_the_worker(tmp_path: Path) -> None:
                        RESTART_BACKOFF_MAX_S="0") as (_rp, worker):
         assert worker.proc.wait(60) == 1
         assert "failed" in worker.log_text()
+
+
+def test_comfyui_failing_for_good_mid_job_fails_the_job_then_ends_the_worker(tmp_path: Path) -> None:
+    with runpod_worker(tmp_path, STANDIN_NODE_FAULT="KSampler:exit:7", CRASH_LOOP_MAX="1") as (rp, worker):
+        job = rp.enqueue(SEED_001)
+        result = rp.wait_result(job, timeout=60)
+        assert set(result) == {"error"}
+        assert result["error"].startswith("ComfyUI stopped while running node 31 (KSampler): ComfyUI (pid "), result
+        assert "exited with code 7" in result["error"].splitlines()[0]
+        assert worker.proc.wait(60) == 1
+        assert "ending the worker: ComfyUI failed 1 time within" in worker.log_text()
