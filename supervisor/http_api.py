@@ -280,14 +280,17 @@ class JobService:
         rec, job = await self.record(job_id)
         if rec is None:
             return None
+        if job is None:  # finished before this process started: track what was streamed from now on
+            job = self.jobs[job_id] = Job(JobRecord(id=rec.id, kind=rec.kind, status=rec.status,
+                                                    created_at=rec.created_at, started_at=rec.started_at,
+                                                    finished_at=rec.finished_at))
+            job.done.set()
         items: list[dict[str, Any]] = []
-        if job is not None:
-            while job.progress:
-                items.append({"output": job.progress.popleft()})
-        if rec.status == COMPLETED and (job is None or not job.final_streamed):
+        while job.progress:
+            items.append({"output": job.progress.popleft()})
+        if rec.status == COMPLETED and not job.final_streamed:
             items.append({"output": rec.output})
-            if job is not None:
-                job.final_streamed = True
+            job.final_streamed = True
         body: dict[str, Any] = {"id": rec.id, "status": rec.status, "stream": items}
         if rec.finished and rec.status != COMPLETED and rec.error is not None:
             body["error"] = rec.error

@@ -103,6 +103,9 @@ def test_sigterm_finishes_the_running_job_keeps_the_queue_and_exits_0(tmp_path: 
     again = start(tmp_path, port=worker.port, log="worker2.log")
     try:
         assert again.api.ok("GET", f"/status/{running}")["status"] == "COMPLETED"
+        streamed = again.api.ok("GET", f"/stream/{running}")  # the output once, then nothing: stream() ends
+        assert streamed["status"] == "COMPLETED" and streamed["stream"][0]["output"]["images"]
+        assert again.api.ok("GET", f"/stream/{running}")["stream"] == []
         assert again.api.wait_status(queued, ("COMPLETED",), timeout=60)["output"]["images"]
     finally:
         assert stop(again) == 0
