@@ -223,3 +223,11 @@ def test_comfyui_failing_for_good_mid_job_fails_the_job_then_ends_the_worker(tmp
         assert "RuntimeError: standin: injected exit at node 31 (KSampler)" in result["error"]  # its last lines
         assert worker.proc.wait(60) == 1
         assert "ending the worker: ComfyUI failed 1 time within" in worker.log_text()
+
+
+def test_a_job_waits_for_comfyui_at_most_ready_wait_s(tmp_path: Path) -> None:
+    with runpod_worker(tmp_path, STANDIN_START_DELAY_S="8", READY_WAIT_S="0.5") as (rp, _worker):
+        job = rp.enqueue(SEED_001)
+        result = rp.wait_result(job, timeout=30)
+        assert result["error"].startswith("ComfyUI was not ready within 0.5 s (state starting: "), result
+        assert result["error"].splitlines()[0].endswith("(READY_WAIT_S)")
