@@ -74,9 +74,7 @@ stop() {
         say "stopping dockerd $pid"
         kill -TERM "$pid"
         for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" != dockerd ]; then
-        say "the recorded PID $pid is not a running dockerd any more; nothing to stop"
-    elif kill -0 "$pid" 2>/dev/null; then
+        if kill -0 "$pid" 2>/dev/null; then
             say "dockerd $pid still running after 30 s; sending SIGKILL"
             kill -KILL "$pid" || true
         fi
