@@ -328,7 +328,13 @@ class JobService:
                 job = self.jobs.get(self.queue.popleft())
             if job is None or job.record.status != IN_QUEUE:
                 continue
-            await self._run(job)
+            try:
+                await self._run(job)
+            except Exception:  # noqa: BLE001 - e.g. the journal's disk is full: this runner must go on
+                log.exception("runner %d: job %s could not be run or recorded", n, job.id)
+                job.record.status, job.record.error = FAILED, "internal error of the worker (see its log)"
+                job.record.finished_at = time.time()
+                job.done.set()
 
     async def _wait_serving(self) -> bool:
         """Jobs stay IN_QUEUE while ComfyUI starts or restarts; False when the worker is ending."""
