@@ -173,3 +173,12 @@ def test_comfyui_deploys_record_is_read_and_its_classes_are_required(tmp_path: P
     assert graph["6"]["inputs"]["text"] == "a beautiful sunset over mountains" and graph["3"]["inputs"]["seed"] == 42
     assert "KSampler" in required_classes(tmp_path, ())  # workflow_classes reads workflow_api graphs too
     assert "IPAdapterAdvanced" in required_classes(ROOT / "workflows", ())
+
+
+def test_every_example_request_is_accepted_by_the_engines_parser() -> None:
+    examples = sorted((ROOT / "examples").glob("*.json"))
+    assert [p.name for p in examples] == ["named_sdxl_txt2img.json", "runsync_no_models.json"]
+    for path in examples:
+        body = json.loads(path.read_text())
+        parsed = parse_request(prepare_input(body["input"], SHIPPED), Settings())
+        assert parsed.workflow and not parsed.warnings, path.name
