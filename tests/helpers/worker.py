@@ -36,6 +36,7 @@ def worker_env(tmp_path: Path, **overrides: Any) -> dict[str, str]:
     env.update(
         COMFYUI_DIR=str(STANDIN),
         COMFYUI_PORT=str(free_port()),
+        API_PORT=str(free_port()),
         COMFYUI_ARGS="--cpu",
         DATA_DIR=str(tmp_path / "data"),
         MODELS_DIR=str(tmp_path / "models"),
