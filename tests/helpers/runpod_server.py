@@ -199,7 +199,7 @@ class RunPodJobServer:
             size = int(query.get("batch_size", ["1"])[0]) if batch else 1
             jobs = self._take(size)
             with self._lock:
-                self.takes.append({"route": route, "query": query, "jobs": [j["id"] for j in jobs]})
+                self.takes.append({"route": route, "query": query, "jobs": [j["id"] for j in jobs], "at": time.monotonic()})
                 self._lock.notify_all()
             if not jobs:
                 return self._reply(h, 204)
