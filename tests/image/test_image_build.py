@@ -288,7 +288,7 @@ def test_healthcheck_goes_unhealthy_when_the_supervisor_fails(engine: Any, image
         container = engine.containers.run(
             image.ref, detach=True, name=f"imagetest-failing-{uuid.uuid4().hex[:8]}",
             environment={"WORKER_MODE": "http", "API_KEY": secrets.token_urlsafe(16),
-                         "STANDIN_START_FAULT": "exit:3", "CRASH_LOOP_MAX": "3", "RESTART_BACKOFF_S": "1",
+                         "STANDIN_START_FAULT": "exit:3", "CRASH_LOOP_MAX": "3", "RESTART_BACKOFF_S": "2",
                          "STATE_FILE": "/data/state.json"},
             volumes={volume.name: {"bind": "/data", "mode": "rw"}},
             healthcheck=healthcheck_fast(image.ref, engine))
