@@ -587,6 +587,24 @@ def measure(bench: BenchEnv) -> dict[str, Any]:
     return result
 
 
+REQUIRED_KEYS = (
+    "overhead_ms.api", "overhead_ms.runpod", "runpod_sdk_floor_ms", "floor_overhead_ms", "polling_overhead_ms",
+    "polling_ratio", "ready_detect_ms", "crash_detect_ms", "restart_overhead_s", "comfyui_start_alone_s",
+    "throughput_jobs_s.concurrency_1", "throughput_jobs_s.concurrency_2", "worker_rss_mb",
+    "fetch_hash_overhead_pct.loopback_unthrottled", "fetch_hash_overhead_pct.link_200MiBs",
+)
+
+
+def missing_keys(result: dict[str, Any]) -> list[str]:
+    """Keys absent, or summaries without their four fields: what the CI run checks."""
+    flat = flatten(result)
+    bad = [k for k in REQUIRED_KEYS if k not in flat]
+    for key, value in flat.items():
+        if isinstance(value, dict) and set(value) != {"median", "min", "max", "n"}:
+            bad.append(key)
+    return bad
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, small sizes (CI)")
@@ -604,6 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result))
     args.json.write_text(json.dumps({"meta": meta, **result}, indent=2))
     write_markdown(args.markdown, result, meta)
+    missing = missing_keys(result)
+    if missing:
+        print(f"bench: {len(missing)} figure(s) missing or malformed: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    print(f"bench: all {len(REQUIRED_KEYS)} figures present; wrote {args.json} and {args.markdown}")
     return 0
 
 
