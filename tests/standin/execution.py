@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -432,7 +433,7 @@ class PromptExecutor:
 
     def _call_node(self, unique_id: str, class_type: str, class_def: type, input_data: dict) -> tuple[tuple, dict]:
         """Apply injected faults and delays, then run the node function and split result and UI."""
-        _apply_node_fault(unique_id, class_type)
+        _apply_node_fault(unique_id, class_type, self.server.flush_sync)
         delay = faults.node_delay()
         if delay > 0:
             time.sleep(delay)
@@ -489,13 +490,18 @@ def _format_value(x: Any) -> Any:
     return str(x)
 
 
-def _apply_node_fault(node_id: str, class_type: str) -> None:
-    """STANDIN_NODE_FAULT for this node, if any (see faults.py for the contract)."""
+def _apply_node_fault(node_id: str, class_type: str, flush: Callable[[], None]) -> None:
+    """STANDIN_NODE_FAULT for this node, if any (see faults.py for the contract).
+
+    Before a crash, ``flush`` waits until the events already sent (this node's ``executing``) are out.
+    """
     fault = faults.fault_for(node_id, class_type)
     if fault is None:
         return
     print(f"[standin] injecting fault {fault.action} at node {node_id} ({class_type})", file=sys.stderr,
           flush=True)
+    if fault.action in ("exit", "kill"):
+        flush()
     if fault.action == "exit":
         faults.die(f"standin: injected exit at node {node_id} ({class_type})", _code(fault.arg))
     elif fault.action == "kill":

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.parse
 import uuid
@@ -80,7 +81,20 @@ class PromptServer:
     async def publish_loop(self) -> None:
         while True:
             event, data, sid = await self.messages.get()
+            if event is None:  # a flush marker: everything queued before it has been written
+                data.set()
+                continue
             await self.send(event, data, sid)
+
+    def flush_sync(self, timeout: float = 2.0) -> None:
+        """Thread-safe: wait until every message queued so far has been written to the sockets.
+
+        An injected crash uses it so that the node's ``executing`` event is out before the process dies, as it
+        would be on a real ComfyUI, whose nodes take at least milliseconds before they can fail.
+        """
+        done = threading.Event()
+        self.loop.call_soon_threadsafe(self.messages.put_nowait, (None, done, None))
+        done.wait(timeout)
 
     # ----------------------------------------------------------------------------------- middleware
     def _middlewares(self) -> list:
