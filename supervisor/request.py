@@ -96,7 +96,7 @@ def _parse(raw: Any, settings: Settings) -> JobRequest:
     if not isinstance(raw, Mapping):
         raise InvalidInputError(
             f"{INVALID_PREFIX}: the job input must be a JSON object holding a 'workflow' (ComfyUI API format) "
-            f"or the workflow itself; got {_json_type(raw)}"
+            f"or the workflow itself; got {json_type_name(raw)}"
         )
     if not raw:
         raise InvalidInputError(
@@ -139,7 +139,7 @@ def _parse_wrapped(raw: Mapping[str, Any], settings: Settings) -> JobRequest:
     if not isinstance(workflow_value, Mapping):
         raise InvalidInputError(
             f"{INVALID_PREFIX}: '{keys[0]}' must be an object mapping node ids to "
-            f"{{\"class_type\", \"inputs\"}}; got {_json_type(workflow_value)}"
+            f"{{\"class_type\", \"inputs\"}}; got {json_type_name(workflow_value)}"
         )
     if not workflow_value:
         raise InvalidInputError(f"{INVALID_PREFIX}: '{keys[0]}' is empty; it must hold at least one node")
@@ -238,7 +238,7 @@ def _parse_images(value: Any) -> tuple[SuppliedImage, ...]:
         return ()
     if not isinstance(value, list):
         raise InvalidInputError(
-            f"{UPLOAD_PREFIX}: 'images' must be a list of {{\"name\", \"image\"}} objects; got {_json_type(value)}"
+            f"{UPLOAD_PREFIX}: 'images' must be a list of {{\"name\", \"image\"}} objects; got {json_type_name(value)}"
         )
     problems: list[str] = []
     images: list[SuppliedImage] = []
@@ -246,7 +246,7 @@ def _parse_images(value: Any) -> tuple[SuppliedImage, ...]:
     for i, item in enumerate(value):
         origin = f"images[{i}]"
         if not isinstance(item, Mapping):
-            problems.append(f"{origin} must be an object {{\"name\", \"image\"}}; got {_json_type(item)}")
+            problems.append(f"{origin} must be an object {{\"name\", \"image\"}}; got {json_type_name(item)}")
             continue
         name, data = item.get("name"), item.get("image")
         if not isinstance(name, str) or not name:
@@ -297,7 +297,7 @@ def _parse_graph(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for node_id, node in raw.items():
         node_id = str(node_id)
         if not isinstance(node, Mapping):
-            problems.append(f"node {node_id} must be an object {{\"class_type\", \"inputs\"}}; got {_json_type(node)}")
+            problems.append(f"node {node_id} must be an object {{\"class_type\", \"inputs\"}}; got {json_type_name(node)}")
             continue
         class_type = node.get("class_type")
         if not isinstance(class_type, str) or not class_type.strip():
@@ -305,7 +305,7 @@ def _parse_graph(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         inputs = node.get("inputs", {})
         if not isinstance(inputs, Mapping):
-            problems.append(f"node {node_id} ({class_type}): 'inputs' must be an object; got {_json_type(inputs)}")
+            problems.append(f"node {node_id} ({class_type}): 'inputs' must be an object; got {json_type_name(inputs)}")
             continue
         copied = copy.deepcopy(dict(node))
         copied["inputs"] = {str(k): v for k, v in copied.get("inputs", {}).items()}
@@ -362,7 +362,8 @@ def _json_string(text: str, key: str) -> Any:
         raise InvalidInputError(f"{INVALID_PREFIX}: '{key}' is a string but not valid JSON ({exc})") from None
 
 
-def _json_type(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """What a JSON value is, for messages: 'a string', 'a list', 'an object'..."""
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -41,6 +41,7 @@ from typing import Any
 
 from supervisor.errors import INVALID_PREFIX, InvalidInputError
 from supervisor.inputs import classify_source
+from supervisor.request import json_type_name
 
 log = logging.getLogger("supervisor.workflows")
 
@@ -139,7 +140,7 @@ class NamedWorkflow:
             inputs = {}
         if not isinstance(inputs, Mapping):
             raise InvalidInputError(
-                f"{INVALID_PREFIX}: {where}: 'inputs' must be an object of parameter values; got {_json_type(inputs)} "
+                f"{INVALID_PREFIX}: {where}: 'inputs' must be an object of parameter values; got {json_type_name(inputs)} "
                 f"(parameters: {self.parameter_list()})"
             )
         problems: list[str] = []
@@ -341,20 +342,6 @@ def _image_extension(value: str) -> str:
     if head.startswith("uklgr"):
         return ".webp"
     return ".png"
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object" if isinstance(value, Mapping) else type(value).__name__
 
 
 def _short(value: Any, limit: int = 40) -> str:
