@@ -91,7 +91,7 @@ WORKER_SETTINGS = {
     "CRASH_LOOP_MAX": "1000",  # within the default CRASH_LOOP_WINDOW_S (300 s): the injections never trip it
     "RESTART_BACKOFF_S": "0.25",
     "RESTART_BACKOFF_MAX_S": "1",
-    "COMFYUI_START_TIMEOUT_S": "30",
+    "COMFYUI_START_TIMEOUT_S": "15",  # what a ComfyUI stopped while starting costs
     "READY_WAIT_S": "60",
     "STOP_TIMEOUT_S": "5",
     "PROGRESS_INTERVAL_S": "0.5",
@@ -472,13 +472,14 @@ class Soak:
                 self.submitted += 1
                 continue
             for attempt in range(5):
+                sent = time.time()
                 try:
                     async with http.post(self.base + "/run", json={"input": run.spec.body}, headers=self.headers(),
                                          timeout=aiohttp.ClientTimeout(total=15)) as resp:
                         payload = await resp.json(content_type=None)
                         if resp.status == 200 and isinstance(payload, dict) and payload.get("id"):
                             run.id = payload["id"]
-                            run.submitted_at = time.time()
+                            run.submitted_at = sent
                             run.observe(payload.get("status") or "IN_QUEUE")
                             run.submit_error = None
                             break
@@ -503,13 +504,14 @@ class Soak:
     async def runsync(self, http: aiohttp.ClientSession, run: JobRun) -> None:
         """POST /runsync?wait=<ms>: the finished job, or its id to poll like any other."""
         wait_ms = run.spec.runsync_wait_ms or 0
+        sent = time.time()
         try:
             async with http.post(f"{self.base}/runsync?wait={wait_ms}", json={"input": run.spec.body},
                                  headers=self.headers(), timeout=aiohttp.ClientTimeout(total=wait_ms / 1000 + 30)) as resp:
                 payload = await resp.json(content_type=None)
             if resp.status == 200 and isinstance(payload, dict) and payload.get("id"):
                 run.id = payload["id"]
-                run.submitted_at = time.time()
+                run.submitted_at = sent
                 run.observe(str(payload.get("status")))
                 if run.terminal:
                     run.body = payload
@@ -596,8 +598,9 @@ class Soak:
         triggers += [hi] * (len(kinds) - len(triggers))
         plan = []
         for i, (trigger, kind) in enumerate(zip(triggers, kinds)):
-            # about one kill in five hits a ComfyUI that is still starting (right after the previous injection)
-            startup = kind == "kill" and i > 0 and self.rng.random() < 0.2
+            # about one kill in five and one stop in seven hit a ComfyUI that is still starting (right after the
+            # previous injection); a stop then lasts until COMFYUI_START_TIMEOUT_S
+            startup = i > 0 and self.rng.random() < (0.2 if kind == "kill" else 0.15)
             plan.append((trigger, kind, startup))
         return plan
 
@@ -625,8 +628,8 @@ class Soak:
             if injection is None:
                 return
             i += 1
-            follow = i < len(plan) and plan[i][2]
-            followed = await self.await_recovery(http, injection, startup_kill=follow)
+            follow = plan[i][1] if i < len(plan) and plan[i][2] else None
+            followed = await self.await_recovery(http, injection, follow=follow)
             if followed is not None:
                 i += 1
                 await self.await_recovery(http, followed)
@@ -657,8 +660,8 @@ class Soak:
         return None
 
     async def await_recovery(self, http: aiohttp.ClientSession, inj: Injection,
-                             startup_kill: bool = False) -> Injection | None:
-        """Wait until ComfyUI serves again with a new process; optionally kill the new one while it starts."""
+                             follow: str | None = None) -> Injection | None:
+        """Wait until ComfyUI serves again with a new process; ``follow``: kill or stop the new one while it starts."""
         t_inj = time.monotonic() - (time.time() - inj.at)
         limit = time.monotonic() + 60
         followed: Injection | None = None
@@ -667,17 +670,16 @@ class Soak:
                 return None
             c = await self.comfy(http)
             if c:
-                changed = c.get("pid") != inj.pid or c.get("state") != "ready"
+                changed = c.get("pid") != inj.pid or (inj.state == "ready" and c.get("state") != "ready")
                 if changed and inj.detected_s is None:
                     inj.detected_s = round(time.monotonic() - t_inj, 3)
                 new_pid = c.get("pid")
-                if startup_kill and new_pid and new_pid != inj.pid and c.get("state") == "restarting":
+                if follow and new_pid and new_pid != inj.pid and c.get("state") == "restarting":
                     await asyncio.sleep(self.rng.uniform(0.0, 0.3))
-                    followed = await self.inject(http, "kill", pid_not=inj.pid, startup=True)
+                    followed = await self.inject(http, follow, pid_not=inj.pid, startup=True)
                     if followed is not None:
-                        inj.recovered_s = None
                         break
-                    startup_kill = False
+                    follow = None
                 if c.get("state") == "ready" and new_pid and new_pid != inj.pid:
                     inj.recovered_s = round(time.monotonic() - t_inj, 3)
                     break
@@ -976,10 +978,14 @@ class Soak:
             "kills_during_startup": sum(1 for x in kills if x.phase == "during start-up"),
             "stops_injected": len(stops),
             "stops_during_a_job": sum(1 for x in stops if x.phase == "during a job"),
+            "stops_during_startup": sum(1 for x in stops if x.phase == "during start-up"),
             "restarts_seen": (self.restarts_end - self.restarts_start)
             if self.restarts_end is not None and self.restarts_start is not None else None,
             "hang_detections": hang_kills,
-            "stop_detection_s": _summary([x.detected_s for x in stops if x.detected_s is not None]),
+            "stop_detection_s": _summary([x.detected_s for x in stops
+                                          if x.detected_s is not None and x.phase != "during start-up"]),
+            "startup_stop_detection_s": _summary([x.detected_s for x in stops
+                                                  if x.detected_s is not None and x.phase == "during start-up"]),
             "recovery_s": _summary([x.recovered_s for x in self.injections if x.recovered_s is not None]),
             "completed": st["COMPLETED"],
             "completed_verified": v["completed"],
@@ -1069,9 +1075,11 @@ ROWS = [
     ("kills_during_startup", "  of which while ComfyUI was starting", None),
     ("stops_injected", "stops (SIGSTOP) injected", "min_stops"),
     ("stops_during_a_job", "  of which while a job ran", None),
+    ("stops_during_startup", "  of which while ComfyUI was starting", None),
     ("restarts_seen", "restarts seen (supervisor counter delta)", None),
     ("hang_detections", "hangs detected by the health probe", None),
-    ("stop_detection_s", "SIGSTOP to detection (s)", None),
+    ("stop_detection_s", "SIGSTOP of a serving ComfyUI to detection (s)", None),
+    ("startup_stop_detection_s", "SIGSTOP of a starting ComfyUI to detection (s)", None),
     ("recovery_s", "injection to serving again (s)", None),
     ("completed", "jobs completed", None),
     ("completed_verified", "  of which outputs verified against their own seed", None),
