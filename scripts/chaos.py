@@ -873,6 +873,9 @@ class Soak:
                 continue
             if run.status == "COMPLETED":
                 run.verdict, run.detail = self.check_outputs(run, owner)
+                if spec.kind == "deadline":
+                    self.anomalies.append(f"job #{spec.index} ran {exec_s:.2f} s with timeout_s {spec.timeout_s:g} "
+                                          "and COMPLETED: its deadline was not enforced")
                 continue
             error = body.get("error")
             template = match_template(error)
