@@ -135,7 +135,8 @@ class ComfyClient:
                     params={"clientId": client_id},
                     heartbeat=WS_HEARTBEAT_S,
                     max_msg_size=WS_MAX_MSG,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                    # a healthy ComfyUI answers the close frame at once; a hung one must not hold the job
+                    timeout=aiohttp.ClientWSTimeout(ws_close=1),
                 )
         except aiohttp.ClientError as exc:
             raise self.unreachable(f"the websocket could not be opened: {_why(exc)}") from None

@@ -79,7 +79,8 @@ log = logging.getLogger("supervisor.jobs")
 
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 
-CANCEL_GRACE_S = 10.0  # how long an abandoned prompt may take to leave ComfyUI before cleanup goes on without it
+CANCEL_GRACE_S = 10.0  # how long late cleanups may still run when the engine closes
+TAKE_BACK_S = 3.0  # how long a job that gave up waits for ComfyUI to let go of its prompt (late cleanup does the rest)
 ABANDON_POLL_S = 0.1
 REINTERRUPT_S = 1.0  # an interrupt posted between two prompts is lost: repeat it while the prompt still runs
 LATE_CLEANUP_POLL_S = 1.0
@@ -635,19 +636,21 @@ class JobEngine:
     async def _abandon(self, job: _Job) -> None:
         """Take the prompt back from ComfyUI: delete it if queued, interrupt it if running; wait, bounded.
 
-        If ComfyUI does not let go within CANCEL_GRACE_S (or cannot be reached), the job still ends; its folders
+        If ComfyUI does not let go within TAKE_BACK_S (or cannot be reached), the job still ends; its folders
         are then removed later, once the prompt has left (see :meth:`_cleanup`).
         """
         if not job.posted or job.ended or job.crashed is not None:
             return
         try:
-            async with asyncio.timeout(CANCEL_GRACE_S):
+            async with asyncio.timeout(TAKE_BACK_S):
                 await self._take_back(job)
                 return
-        except (ComfyUnavailableError, TimeoutError):
-            pass
-        log.warning("job %s: prompt %s still in ComfyUI after %.0f s; cleaning up when it leaves",
-                    job.job_id, job.prompt_id, CANCEL_GRACE_S)
+        except ComfyUnavailableError as exc:
+            why = f"ComfyUI did not answer ({exc.details.get('reason', exc.message)})"
+        except TimeoutError:
+            why = f"it was still in ComfyUI after {TAKE_BACK_S:g} s"
+        log.warning("job %s: could not take prompt %s back: %s; its files are removed once it leaves",
+                    job.job_id, job.prompt_id, why)
 
     async def _take_back(self, job: _Job) -> None:
         """Poll ``/queue`` (only here, after the job gave up on the prompt) until the prompt is gone."""

@@ -1,0 +1,70 @@
+"""A job whose deadline passes, or that is cancelled, while ComfyUI is stopped (hung but not yet declared so).
+
+Found by the chaos soak: the job waited for the websocket's close handshake and for ComfyUI to let go of the
+prompt, neither of which a stopped process ever gives, and ended ~15 s after its deadline. With the default
+health probe (up to ~30 s to declare a hang) the supervisor does not rescue it either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from supervisor.errors import JobTimeoutError
+from tests.helpers.jobs import Rig, supervisor_rig
+from tests.test_jobs_faults import MODELS, flux, queue_ids, run, wait_until
+
+
+@pytest.fixture
+def stoppable_rig(tmp_path) -> Rig:
+    """Sampler steps of 0.05 s and a slow health probe: a stopped ComfyUI stays 'ready' for the whole test."""
+    with supervisor_rig(tmp_path, models=MODELS, STANDIN_STEP_DELAY_S="0.05", HEALTH_INTERVAL_S="30",
+                        HEALTH_TIMEOUT_S="5", HEALTH_FAILURES="3") as r:
+        yield r
+
+
+async def _stop_when_running(rig: Rig) -> int:
+    await wait_until(lambda: queue_ids(rig)[0], what="the prompt to run")
+    await asyncio.sleep(0.3)
+    pid = rig.sup.status().pid
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+async def test_a_deadline_while_comfyui_is_stopped_ends_the_job_promptly(stoppable_rig: Rig) -> None:
+    engine = stoppable_rig.engine()
+    pid = None
+    try:
+        started = time.monotonic()
+        job = asyncio.ensure_future(run(engine, {"workflow": flux(1, steps=200), "timeout_s": 2}))
+        pid = await _stop_when_running(stoppable_rig)
+        with pytest.raises(JobTimeoutError) as info:
+            await job
+        elapsed = time.monotonic() - started
+        assert info.value.message == "Job timed out after 2 s while running node 31 (KSampler)"
+        assert elapsed < 2 + 5, elapsed  # the chaos soak's "hung" bound: deadline + 5 s
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        await engine.close()
+
+
+async def test_a_cancel_while_comfyui_is_stopped_returns_promptly(stoppable_rig: Rig) -> None:
+    engine = stoppable_rig.engine()
+    pid = None
+    try:
+        job = asyncio.ensure_future(run(engine, {"workflow": flux(2, steps=200), "timeout_s": 60}))
+        pid = await _stop_when_running(stoppable_rig)
+        cancelled_at = time.monotonic()
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        assert time.monotonic() - cancelled_at < 5
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        await engine.close()
