@@ -115,6 +115,13 @@ class ComfyProcess:
         )
         return cls(transport, exited, marker)
 
+    def is_stopped(self) -> bool:
+        """Whether the process is stopped (state T): it cannot make progress until someone continues it."""
+        try:
+            return self._ps is not None and self._ps.status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            return False
+
     @property
     def returncode(self) -> int | None:
         return self._transport.get_returncode()

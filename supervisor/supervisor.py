@@ -348,18 +348,23 @@ class ComfySupervisor:
     async def _start_phase(
         self, proc: ComfyProcess, required: tuple[str, ...], exited: asyncio.Future[Any], stop: asyncio.Future[Any]
     ) -> str:
-        """Wait for readiness, racing the process's exit, a stop request and the start timeout."""
+        """Wait for readiness, racing the process's exit, its being stopped, a stop request and the start timeout."""
         ready = asyncio.ensure_future(self._become_ready(required))
+        frozen = asyncio.ensure_future(self._watch_frozen(proc))
         try:
             done, _ = await asyncio.wait(
-                {ready, exited, stop}, timeout=self.settings.start_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                {ready, frozen, exited, stop}, timeout=self.settings.start_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             ready.cancel()
+            frozen.cancel()
         if stop in done:
             return "stop"
         if exited in done:
             return "exited during start-up"
+        if frozen in done:
+            return "killed as hung"
         if ready in done and ready.exception() is None:
             return "ready"
         if ready in done:
@@ -471,6 +476,18 @@ class ComfySupervisor:
 
         found = await asyncio.gather(*(registered(c) for c in required))
         return tuple(c for c, ok in zip(required, found) if not ok)
+
+    async def _watch_frozen(self, proc: ComfyProcess) -> None:
+        """Return once the process has been stopped (SIGSTOP, a frozen cgroup) for HEALTH_FAILURES checks in a row.
+
+        Before ComfyUI serves, the health probe cannot tell "still loading" from "stopped"; without this check a
+        stopped start-up would only end at COMFYUI_START_TIMEOUT_S (300 s by default).
+        """
+        s = self.settings
+        seen = 0
+        while seen < s.health_failures:
+            await asyncio.sleep(s.health_interval_s)
+            seen = seen + 1 if proc.is_stopped() else 0
 
     async def _watch_health(self) -> None:
         """Return once HEALTH_FAILURES probes in a row have failed (the process is hung)."""

@@ -263,3 +263,17 @@ async def test_model_paths_reach_comfyui_from_every_root(tmp_path: Path) -> None
                 assert sorted(await resp.json()) == ["baked.safetensors", "on-volume.bin"]
             async with http.get(f"{sup.base_url}/models/clip_vision") as resp:
                 assert await resp.json() == ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"]
+
+
+async def test_a_comfyui_stopped_while_starting_is_killed_without_waiting_for_the_start_timeout(tmp_path: Path) -> None:
+    env = worker_env(tmp_path, STANDIN_START_DELAY_S=3, HEALTH_INTERVAL_S=0.2, HEALTH_FAILURES=3,
+                     COMFYUI_START_TIMEOUT_S=120)
+    with running_supervisor(env) as sup:
+        pid = wait_for(lambda: sup.status().pid, 10, what="the first pid")
+        stopped_at = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        crash = await asyncio.wait_for(sup.wait_exit(1), 20)
+        assert crash.reason == "killed as hung"
+        assert time.monotonic() - stopped_at < 0.2 * 3 + 2.0
+        again = await sup.wait_ready(30)
+        assert again.generation == 2 and again.state is State.READY
