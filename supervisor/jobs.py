@@ -580,11 +580,11 @@ class JobEngine:
         """Await a ComfyUI request; if it failed because ComfyUI died, say that instead of "not reachable"."""
         try:
             return await call
-        except ComfyUnavailableError:
+        except ComfyUnavailableError as unavailable:
             try:
                 crash = await asyncio.wait_for(asyncio.shield(exit_task), CRASH_NOTICE_S)
             except TimeoutError:
-                raise
+                raise unavailable from None  # alive but not answering (e.g. stopped): "not reachable" it is
             raise self._crash_error(job, crash) from None
 
     # --- outputs ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from supervisor.errors import JobTimeoutError
+from supervisor.errors import ComfyUnavailableError, JobTimeoutError
 from tests.helpers.jobs import Rig, supervisor_rig
 from tests.test_jobs_faults import MODELS, flux, queue_ids, run, wait_until
 
@@ -67,4 +67,22 @@ async def test_a_cancel_while_comfyui_is_stopped_returns_promptly(stoppable_rig:
     finally:
         if pid:
             os.kill(pid, signal.SIGCONT)
+        await engine.close()
+
+
+async def test_a_comfyui_that_stopped_answering_is_reported_unreachable_not_as_an_internal_error(
+    stoppable_rig: Rig,
+) -> None:
+    """Found by the chaos soak with the default probe: the 'did it crash?' check re-raised its own TimeoutError."""
+    engine = stoppable_rig.engine()
+    pid = stoppable_rig.sup.status().pid
+    try:
+        await run(engine, {"workflow": flux(3, steps=1), "timeout_s": 30})  # warm: object_info is cached
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(ComfyUnavailableError) as info:
+            await run(engine, {"workflow": flux(4, steps=1), "timeout_s": 30})
+        assert info.value.kind == "comfy_unavailable"
+        assert info.value.message.startswith(f"ComfyUI server ({stoppable_rig.sup.base_url[7:]}) not reachable: ")
+    finally:
+        os.kill(pid, signal.SIGCONT)
         await engine.close()
