@@ -79,6 +79,7 @@ log = logging.getLogger("supervisor.jobs")
 
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
 
+REQUEUES = 1  # a job whose ComfyUI died before the job started is queued again on the restarted one, once
 CANCEL_GRACE_S = 10.0  # how long late cleanups may still run when the engine closes
 TAKE_BACK_S = 3.0  # how long a job that gave up waits for ComfyUI to let go of its prompt (late cleanup does the rest)
 ABANDON_POLL_S = 0.1
@@ -144,6 +145,18 @@ class _Job:
     def node_text(self, node_id: str | None = None) -> str:
         node_id = node_id or self.node
         return node_label(node_id, self.request.workflow) if node_id else "?"
+
+    def never_started(self) -> bool:
+        """ComfyUI died before this prompt began executing: nothing of it ran, so running it again is safe."""
+        return self.crashed is not None and "comfy_execution_start" not in self.timestamps and self.node is None
+
+    def next_attempt(self) -> None:
+        """Forget the dead process's prompt; the folder, inputs and warnings stay."""
+        self.client_id, self.prompt_id = uuid.uuid4().hex, str(uuid.uuid4())
+        self.posted = self.accepted = self.ended = False
+        self.crashed = self.error = self.interrupted = None
+        self.cached.clear()
+        self.executed.clear()
 
 
 class _Progress:
@@ -262,13 +275,22 @@ class JobEngine:
                 async with timeout:
                     resolved = await resolve_inputs(job.request, self.settings, self.fetcher)
                     timings["inputs_s"] = time.monotonic() - started
-                    job.stage = "waiting for ComfyUI to be ready"
-                    status = await self._wait_ready(job, deadline - loop.time())
-                    exit_task = asyncio.ensure_future(self.comfy.wait_exit(status.generation))
-                    graph = await self._prepare(job, resolved, status, exit_task)
-                    mark = time.monotonic()
-                    await self._execute(job, graph, progress, exit_task)
-                    timings["comfy_s"] = time.monotonic() - mark
+                    for attempt in range(REQUEUES + 1):
+                        job.stage = "waiting for ComfyUI to be ready"
+                        status = await self._wait_ready(job, deadline - loop.time())
+                        if exit_task is not None:
+                            exit_task.cancel()
+                        exit_task = asyncio.ensure_future(self.comfy.wait_exit(status.generation))
+                        try:
+                            graph = await self._prepare(job, resolved, status, exit_task)
+                            mark = time.monotonic()
+                            await self._execute(job, graph, progress, exit_task)
+                            timings["comfy_s"] = time.monotonic() - mark
+                            break
+                        except ComfyUnavailableError as err:
+                            if attempt == REQUEUES or not job.never_started():
+                                raise
+                            self._requeue(job, err)
             except TimeoutError:
                 if not timeout.expired():
                     raise
@@ -302,6 +324,13 @@ class JobEngine:
             response_format=job.request.response_format,
         )
 
+    @staticmethod
+    def _requeue(job: _Job, err: ComfyUnavailableError) -> None:
+        log.warning("job %s: %s; the job had not started, so it is queued again once ComfyUI is back",
+                    job.job_id, err.message)
+        job.warnings.append(f"ComfyUI restarted before this job started ({err.message}); it was queued again")
+        job.next_attempt()
+
     async def _wait_ready(self, job: _Job, timeout_s: float) -> Status:
         try:
             status = await self.comfy.wait_ready(max(timeout_s, 0.001))
@@ -330,7 +359,7 @@ class JobEngine:
         if report.missing_names:
             catalog = await self._catalog_for(job, status.generation, exit_task, refresh=True)
             report = self._preflight(graph, catalog, resolved, status)
-        job.warnings.extend(report.warnings)
+        job.warnings.extend(w for w in report.warnings if w not in job.warnings)  # (again, on a requeue)
         if report.problems:
             raise ValidationError.with_problems(VALIDATION_PREFIX, report.problems)
         job.stage = "uploading the input images"
@@ -338,10 +367,12 @@ class JobEngine:
         graph = rewrite_inputs(graph, resolved, uploaded)
         graph, unprefixed = rewrite_prefixes(graph, job.folder)
         for node_id in unprefixed:
-            job.warnings.append(
+            warning = (
                 f"{job.node_text(node_id)} takes its filename_prefix from another node, so its files are not in the "
                 "job's own folder; they are read from what ComfyUI reports and deleted afterwards"
             )
+            if warning not in job.warnings:
+                job.warnings.append(warning)
         return graph
 
     def _preflight(self, graph: dict[str, Any], catalog: NodeCatalog, resolved: ResolvedInputs, status: Status) -> Any:
