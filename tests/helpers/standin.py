@@ -322,22 +322,8 @@ async def replay_request(session, base_url: str, request: Mapping) -> tuple[int,
     Returns (status, content type or None, parsed JSON or text, raw body). Multipart requests are not
     replayable byte-for-byte (the recording kept no file bytes); callers build those themselves.
     """
-    kwargs: dict = {}
-    headers = dict(request.get("headers") or {})
-    if "json" in request:
-        kwargs["json"] = request["json"]
-    elif "raw_body" in request:
-        kwargs["data"] = request["raw_body"].encode()
-        headers["Content-Type"] = request.get("content_type") or "application/octet-stream"
-    if headers:
-        kwargs["headers"] = headers
-    async with session.request(request["method"], base_url + request["path"], **kwargs) as resp:
-        raw = await resp.read()
-        content_type = resp.headers.get("Content-Type")
-        body: object = raw.decode("utf-8", errors="replace")
-        if resp.content_type == "application/json" and raw:
-            body = json.loads(raw)
-        return resp.status, content_type, body, raw
+    status, content_type, body, raw, _ = await _request_with_headers(session, base_url, request)
+    return status, content_type, body, raw
 
 
 class TranscriptReplayer:
@@ -486,6 +472,7 @@ class TranscriptReplayer:
 
 
 async def _request_with_headers(session, base_url: str, request: Mapping):
+    """:func:`replay_request`, plus the response headers."""
     kwargs: dict = {}
     headers = dict(request.get("headers") or {})
     if "json" in request:
