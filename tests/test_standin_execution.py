@@ -6,7 +6,6 @@ x_edge_cases.json. Every HTTP answer and every websocket frame is compared with 
 from __future__ import annotations
 
 import asyncio
-
 import json
 import os
 
