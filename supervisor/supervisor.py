@@ -195,17 +195,17 @@ class ComfySupervisor:
         if old is not state:
             level = logging.ERROR if state is State.FAILED else logging.INFO
             log.log(level, "ComfyUI %s -> %s: %s", old.value, state.value, message)
+        self._write_state_file(status)
+        for listener in list(self._listeners):  # before the waiters: whoever wakes up sees listeners up to date
+            try:
+                listener(status)
+            except Exception:  # a broken listener must not break supervision
+                log.exception("a supervisor state listener failed")
         for loop, fut in waiters:
             if state.serving:
                 _resolve(loop, fut, status)
             else:
                 _reject(loop, fut, RuntimeError(f"ComfyUI will not become ready: {message}"))
-        self._write_state_file(status)
-        for listener in list(self._listeners):
-            try:
-                listener(status)
-            except Exception:  # a broken listener must not break supervision
-                log.exception("a supervisor state listener failed")
 
     def _record_exit(self, info: CrashInfo) -> None:
         with self._lock:
