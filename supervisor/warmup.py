@@ -2,7 +2,7 @@
 
 It loads the models into memory so the first real job does not pay for it (users measured ~45 s cold vs
 ~15 s warm). It talks to ComfyUI directly, because while it runs the supervisor is not ready and the job
-engine would (rightly) wait for readiness.
+engine would (rightly) wait for readiness; it uses the job engine's ComfyUI client, not the engine.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from .comfy_client import ComfyClient, PromptRejected
+from .errors import ComfyUnavailableError
 from .workflow_classes import graph_of
 
 
@@ -25,16 +27,25 @@ class WarmupError(Exception):
 async def run_warmup(http: aiohttp.ClientSession, base_url: str, path: Path, timeout: float) -> None:
     """Run the workflow at ``path`` to its end; raise WarmupError with one line saying why it failed."""
     graph = await asyncio.to_thread(_load, path)
-    client_id = uuid.uuid4().hex
+    client = ComfyClient(http, base_url)
+    client_id, prompt_id = uuid.uuid4().hex, str(uuid.uuid4())
     try:
         async with asyncio.timeout(timeout):
-            async with http.ws_connect(f"{base_url}/ws?clientId={client_id}") as ws:
-                prompt_id = await _submit(http, base_url, graph, client_id)
+            ws = await client.connect_ws(client_id)
+            try:
+                await client.queue_prompt(graph, client_id, prompt_id)
                 await _until_done(ws, prompt_id)
+            finally:
+                await ws.close()
     except TimeoutError:
         raise WarmupError(f"warm-up workflow {path.name} did not finish within {timeout:g} s") from None
-    except aiohttp.ClientError as exc:
-        raise WarmupError(f"warm-up workflow {path.name}: ComfyUI connection failed: {exc}") from None
+    except PromptRejected as exc:
+        errors = exc.body.get("node_errors") if isinstance(exc.body, dict) else None
+        raise WarmupError(
+            f"ComfyUI refused the warm-up workflow ({exc.status}): {json.dumps(errors or exc.body)[:500]}"
+        ) from None
+    except (ComfyUnavailableError, aiohttp.ClientError) as exc:
+        raise WarmupError(f"warm-up workflow {path.name}: {exc}") from None
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -45,15 +56,6 @@ def _load(path: Path) -> dict[str, Any]:
     if graph is None:
         raise WarmupError(f"WARMUP_WORKFLOW={path} holds no API-format graph (export it with 'Export (API)')")
     return graph
-
-
-async def _submit(http: aiohttp.ClientSession, base_url: str, graph: dict[str, Any], client_id: str) -> str:
-    async with http.post(f"{base_url}/prompt", json={"prompt": graph, "client_id": client_id}) as resp:
-        body = await resp.json(content_type=None)
-    if resp.status != 200:
-        errors = body.get("node_errors") if isinstance(body, dict) else None
-        raise WarmupError(f"ComfyUI refused the warm-up workflow ({resp.status}): {json.dumps(errors or body)[:500]}")
-    return str(body["prompt_id"])
 
 
 async def _until_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> None:

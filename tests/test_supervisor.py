@@ -224,6 +224,15 @@ async def test_warmup_runs_before_ready_and_a_failing_one_degrades(tmp_path: Pat
         status = await sup.wait_ready(30)
         assert status.state is State.DEGRADED
         assert "warm-up failed at node 2 (PreviewImage): Exception: warm boom" in status.message
+    refused = tmp_path / "refused.json"
+    refused.write_text('{"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1}},'
+                       ' "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}')
+    env = worker_env(tmp_path, WARMUP_WORKFLOW=refused)
+    with running_supervisor(env) as sup:
+        status = await sup.wait_ready(30)
+        assert status.state is State.DEGRADED
+        assert "warm-up failed: ComfyUI refused the warm-up workflow (400):" in status.message
+        assert "required_input_missing" in status.message
 
 
 async def test_wait_ready_times_out_with_the_state_and_fails_fast_when_failed(tmp_path: Path) -> None:
