@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,11 @@ import psutil
 
 from supervisor.config import Settings, load_settings
 from supervisor.supervisor import ComfySupervisor
+from tests.helpers.standin import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN = ROOT / "tests" / "standin"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_env(tmp_path: Path, **overrides: Any) -> dict[str, str]:
