@@ -35,7 +35,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
 from supervisor.config import load_settings  # noqa: E402
-from supervisor.supervisor import ComfySupervisor  # noqa: E402
+from supervisor.supervision.supervisor import ComfySupervisor  # noqa: E402
 from tests.helpers.standin import free_port  # noqa: E402
 
 STANDIN = ROOT / "tests" / "standin"

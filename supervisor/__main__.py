@@ -1,5 +1,5 @@
 """``python -m supervisor``: the image's entrypoint. See supervisor.main."""
 
-from .main import main
+from supervisor.main import main
 
 raise SystemExit(main())

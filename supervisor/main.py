@@ -2,8 +2,8 @@
 
 ComfyUI is spawned first, before any heavy import, so its ~10 s start overlaps the worker's own start-up
 (``import runpod`` alone takes ~2 s). Then one front door serves jobs until it is told to stop:
-``WORKER_MODE=runpod`` the RunPod SDK's worker loop (:mod:`supervisor.runpod_handler`), ``http`` the
-self-hosted API with RunPod's contract (:mod:`supervisor.http_api`).
+``WORKER_MODE=runpod`` the RunPod SDK's worker loop (:mod:`supervisor.api.runpod_worker`), ``http`` the
+self-hosted API with RunPod's contract (:mod:`supervisor.api.http_api`).
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT, or ``REFRESH_WORKER`` after its job), 1 when the supervisor
 is ``failed`` (crash loop: the platform should replace the worker), 2 on a configuration error.
@@ -16,9 +16,9 @@ import logging
 import signal
 import sys
 
-from .config import ConfigError, load_settings
-from .logs import setup_logging
-from .supervisor import ComfySupervisor
+from supervisor.config import ConfigError, load_settings
+from supervisor.logs import setup_logging
+from supervisor.supervision.supervisor import ComfySupervisor
 
 log = logging.getLogger("supervisor.main")
 
@@ -36,7 +36,7 @@ def main() -> int:
     setup_logging(settings.log_level)
     _default_sigint()
     if settings.worker_mode == "http":
-        from .http_api import auth_refusal  # light: aiohttp only
+        from supervisor.api.http_api import auth_refusal  # light: aiohttp only
 
         refusal = auth_refusal(settings)
         if refusal:
@@ -46,10 +46,10 @@ def main() -> int:
     supervisor = ComfySupervisor(settings)
     supervisor.start()
     if settings.worker_mode == "runpod":
-        from .runpod_handler import serve_runpod  # imports the RunPod SDK (~2 s) while ComfyUI starts
+        from supervisor.api.runpod_worker import serve_runpod  # imports the RunPod SDK (~2 s) while ComfyUI starts
 
         return serve_runpod(settings, supervisor)
-    from .http_api import serve
+    from supervisor.api.http_api import serve
 
     return asyncio.run(serve(settings, supervisor))
 

@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from supervisor.errors import ERROR_KINDS, ExecutionError, JobTimeoutError, ValidationError
-from supervisor.formats import COMPLETED, FAILED, TIMED_OUT, Outcome, failure, requested_format, success
-from supervisor.jobs import JobResult
-from supervisor.outputs import JobOutput
+from supervisor.api.formats import COMPLETED, FAILED, TIMED_OUT, Outcome, failure, requested_format, success
+from supervisor.jobs.engine import JobResult
+from supervisor.jobs.outputs import JobOutput
 from tests.helpers.api import assert_shape, seed
 
 PNG_B64 = seed("001_response_success.json")["output"]["images"][0]["data"]

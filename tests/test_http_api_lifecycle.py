@@ -154,7 +154,7 @@ def test_a_failed_supervisor_exits_1_and_keeps_the_queue(tmp_path: Path) -> None
     assert worker.proc.wait(60) == 1
     assert "exiting: ComfyUI failed 3 times" in worker.log_text()
     assert not tree_processes(worker.env["TEST_TREE_ID"])
-    from supervisor.journal import Journal
+    from supervisor.api.journal import Journal
     import asyncio
 
     async def read() -> Any:

@@ -10,9 +10,9 @@ from PIL import Image
 
 from supervisor.config import Settings
 from supervisor.errors import InvalidInputError
-from supervisor.inputs import decode_base64, resolve_inputs, validate_name, verify_image
-from supervisor.netguard import GuardedFetcher
-from supervisor.request import parse_request
+from supervisor.jobs.inputs import decode_base64, resolve_inputs, validate_name, verify_image
+from supervisor.jobs.netguard import GuardedFetcher
+from supervisor.jobs.request import parse_request
 from tests.helpers.jobs import b64, loopback_server, png_bytes, redirect, static
 
 SETTINGS = Settings(max_input_bytes=64 * 1024)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from supervisor.errors import JobError, OutputTooLargeError, ValidationError
-from supervisor.jobs import JobResult
+from supervisor.jobs.engine import JobResult
 from tests.helpers.jobs import (
     Rig,
     b64,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from supervisor.errors import ComfyUnavailableError, ExecutionError, JobError, JobTimeoutError
-from supervisor.jobs import JobEngine, JobResult
+from supervisor.jobs.engine import JobEngine, JobResult
 from tests.helpers.jobs import ProxiedHandle, Rig, TcpProxy, seed_body, seed_models, supervisor_rig
 
 MODELS = seed_models("001_request.json")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import Settings
-from supervisor.inputs import comfy_dirs
-from supervisor.preflight import NodeCatalog, preflight, render_node_errors, render_prompt_error
+from supervisor.jobs.inputs import comfy_dirs
+from supervisor.jobs.preflight import NodeCatalog, preflight, render_node_errors, render_prompt_error
 from tests.helpers.standin import http_events, load_transcript, transcript_cases
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"

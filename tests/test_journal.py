@@ -7,7 +7,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from supervisor.journal import RESTARTED_MESSAGE, JobRecord, Journal, UploadRecord
+from supervisor.api.journal import RESTARTED_MESSAGE, JobRecord, Journal, UploadRecord
 
 
 async def test_a_job_is_written_started_finished_and_read_back(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from supervisor.model_paths import FOLDER_DIRS, write_extra_model_paths
+from supervisor.supervision.model_paths import FOLDER_DIRS, write_extra_model_paths
 
 
 def test_every_root_lists_every_key(tmp_path: Path) -> None:

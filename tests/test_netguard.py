@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.netguard import (
+from supervisor.jobs.netguard import (
     Allowlist,
     FetchError,
     GuardedFetcher,

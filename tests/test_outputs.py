@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from supervisor.config import Settings
-from supervisor.inputs import comfy_dirs
-from supervisor.outputs import (
+from supervisor.jobs.inputs import comfy_dirs
+from supervisor.jobs.outputs import (
     JobOutput,
     OutputRef,
     collect_refs,

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from supervisor.config import Settings
 from supervisor.errors import InvalidInputError, JobError, ValidationError
-from supervisor.request import JobRequest, parse_request
+from supervisor.jobs.request import JobRequest, parse_request
 
 SEEDS = Path(__file__).parent / "fixtures" / "seeds"
 SETTINGS = Settings(job_timeout_s=600.0, max_job_timeout_s=900.0)

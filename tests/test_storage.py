@@ -7,7 +7,7 @@ import pytest
 
 from supervisor.config import Settings
 from supervisor.errors import StorageError
-from supervisor.storage import BucketStorage, BucketTarget, Upload, bucket_target
+from supervisor.jobs.storage import BucketStorage, BucketTarget, Upload, bucket_target
 from tests.helpers.jobs import make_bucket, moto_s3_server, png_bytes
 
 SECRET = "very-secret-key-value"

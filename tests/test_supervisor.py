@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.states import State
+from supervisor.comfy.status import State
 from tests.helpers.worker import (
     STANDIN,
     WorkerProcess,

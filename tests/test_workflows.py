@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from supervisor.errors import InvalidInputError
-from supervisor.request import parse_request
+from supervisor.jobs.request import parse_request
 from supervisor.config import Settings
-from supervisor.workflow_classes import required_classes
-from supervisor.workflows import (WorkflowFileError, WorkflowLibrary, is_named_request, parse_workflow,
+from supervisor.comfy.node_classes import required_classes
+from supervisor.api.workflows import (WorkflowFileError, WorkflowLibrary, is_named_request, parse_workflow,
                                   prepare_input)
 from tests.helpers.api import ROOT, SEEDS, seed
 

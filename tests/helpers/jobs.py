@@ -215,7 +215,7 @@ class Rig:
         return sorted(p for sub in ("input", "output", "temp") for p in (data / sub).rglob("*") if p.is_file())
 
     def engine(self, **changes: Any) -> Any:
-        from supervisor.jobs import JobEngine
+        from supervisor.jobs.engine import JobEngine
 
         return JobEngine(self.settings.replace(**changes) if changes else self.settings, self.sup)
 

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 from supervisor.config import Settings, load_settings
-from supervisor.supervisor import ComfySupervisor
+from supervisor.supervision.supervisor import ComfySupervisor
 from tests.helpers.standin import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""supervisor.healthcheck, the image's HEALTHCHECK: its verdict on every kind of state file (no engine needed)."""
+"""supervisor.supervision.healthcheck, the image's HEALTHCHECK: its verdict on every kind of state file (no engine needed)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.healthcheck import EXIT_HEALTHY, EXIT_UNHEALTHY, check
+from supervisor.supervision.healthcheck import EXIT_HEALTHY, EXIT_UNHEALTHY, check
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ def test_no_state_file_configured_is_unhealthy() -> None:
 
 
 def run_module(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor.healthcheck"], cwd=ROOT, env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "supervisor.supervision.healthcheck"], cwd=ROOT, env=env, text=True,
                           capture_output=True, timeout=30)
 
 

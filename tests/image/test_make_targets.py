@@ -85,7 +85,7 @@ def test_the_dockerfile_keeps_to_the_builtin_frontend_and_its_contract() -> None
     assert re.search(r"^EXPOSE 8000$", text, re.M)
     assert re.search(r"^USER worker$", text, re.M)
     assert re.search(r'^ENTRYPOINT \[.*"-m", "supervisor"\]$', text, re.M)
-    assert re.search(r'^\s+CMD \[.*"-m", "supervisor.healthcheck"\]$', text, re.M)
+    assert re.search(r'^\s+CMD \[.*"-m", "supervisor.supervision.healthcheck"\]$', text, re.M)
     # tokens only through secret mounts, never through ARG or ENV
     assert not re.search(r"^(ARG|ENV)\s+\S*(TOKEN|KEY|SECRET)", text, re.M)
     assert "--mount=type=secret,id=HF_TOKEN" in text and "--mount=type=cache" in text

@@ -2,7 +2,7 @@
 
 * Each job waits up to ``READY_WAIT_S`` for ComfyUI to serve, then runs on the job engine; progress goes out
   through ``runpod.serverless.progress_update`` (throttled by ``PROGRESS_INTERVAL_S``).
-* The handler returns the response format's value (:mod:`supervisor.formats`); a failure is returned as
+* The handler returns the response format's value (:mod:`supervisor.api.formats`); a failure is returned as
   ``{"error": message}`` (the SDK marks the job FAILED with exactly that string), never raised (a raised
   exception becomes a JSON-encoded traceback). Every return value is checked to be JSON: the SDK silently
   loses a result it cannot serialise.
@@ -32,9 +32,9 @@ from typing import Any
 
 from supervisor.config import Settings
 from supervisor.errors import ComfyUnavailableError, InternalError, JobError
-from supervisor.formats import Outcome, failure, requested_format, success
-from supervisor.states import State, Status
-from supervisor.workflows import WorkflowLibrary, prepare_input
+from supervisor.api.formats import Outcome, failure, requested_format, success
+from supervisor.comfy.status import State, Status
+from supervisor.api.workflows import WorkflowLibrary, prepare_input
 
 log = logging.getLogger("supervisor.runpod")
 
@@ -48,7 +48,7 @@ class RunPodHandler:
     """The handler the SDK calls for each job; one per worker."""
 
     def __init__(self, settings: Settings, supervisor: Any, library: WorkflowLibrary) -> None:
-        from supervisor.jobs import JobEngine
+        from supervisor.jobs.engine import JobEngine
 
         self.settings = settings
         self.supervisor = supervisor

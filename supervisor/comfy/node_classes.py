@@ -2,7 +2,7 @@
 
 They are the classes used by the named workflows baked into ``WORKFLOWS_DIR`` (each file either an
 API-format graph, ``{"workflow": graph, ...}`` or ComfyUI Deploy's ``{"workflow_api": graph, ...}``; see
-:mod:`supervisor.workflows`) plus the ``REQUIRED_NODES`` list. A class missing from
+:mod:`supervisor.api.workflows`) plus the ``REQUIRED_NODES`` list. A class missing from
 ComfyUI means a node pack failed to import: the supervisor reports it as ``degraded`` at start-up instead
 of letting the first job discover it.
 """

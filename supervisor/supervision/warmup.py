@@ -15,9 +15,9 @@ from typing import Any
 
 import aiohttp
 
-from .comfy_client import ComfyClient, PromptRejected
-from .errors import ComfyUnavailableError
-from .workflow_classes import graph_of
+from supervisor.comfy.client import ComfyClient, PromptRejected
+from supervisor.errors import ComfyUnavailableError
+from supervisor.comfy.node_classes import graph_of
 
 
 class WarmupError(Exception):

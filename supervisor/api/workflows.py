@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.errors import INVALID_PREFIX, InvalidInputError
-from supervisor.inputs import classify_source
-from supervisor.request import json_type_name
+from supervisor.jobs.inputs import classify_source
+from supervisor.jobs.request import json_type_name
 
 log = logging.getLogger("supervisor.workflows")
 

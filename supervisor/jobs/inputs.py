@@ -22,10 +22,10 @@ from PIL import Image, UnidentifiedImageError
 
 from supervisor.config import Settings
 from supervisor.errors import UPLOAD_PREFIX, InvalidInputError
-from supervisor.netguard import FetchError, GuardedFetcher, URLRefused, redact_url
+from supervisor.jobs.netguard import FetchError, GuardedFetcher, URLRefused, redact_url
 
 if TYPE_CHECKING:
-    from supervisor.request import InlineImage, JobRequest, SuppliedImage
+    from supervisor.jobs.request import InlineImage, JobRequest, SuppliedImage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 FORMAT_EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp",

@@ -8,11 +8,11 @@ Routes (also under ``/v2/{endpoint_id}/``, so a RunPod URL works by changing onl
 * ``GET /health`` (no auth): RunPod's ``jobs``/``workers`` counts plus ``comfyui`` (the supervisor's status),
   503 while ComfyUI is not serving;
 * ``GET /workflows``: the named workflows and their parameters;
-* the ComfyUI Deploy facade (seed 004), see :mod:`supervisor.deploy_api`.
+* the ComfyUI Deploy facade (seed 004), see :mod:`supervisor.api.deploy`.
 
 Every answer is JSON. A job body is RunPod's: ``id``, ``status`` (``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``,
 ``FAILED``, ``CANCELLED``, ``TIMED_OUT``), ``delayTime``/``executionTime`` in ms once it ran, and ``output``
-or ``error`` (see :mod:`supervisor.formats`). Jobs are journaled (:mod:`supervisor.journal`); up to
+or ``error`` (see :mod:`supervisor.api.formats`). Jobs are journaled (:mod:`supervisor.api.journal`); up to
 ``MAX_CONCURRENCY`` run at once, at most ``MAX_QUEUE`` wait (429 beyond), finished ones are kept
 ``JOB_RETENTION_S``. A ``webhook`` in the request receives the final job body by POST, through the SSRF guard.
 
@@ -41,11 +41,11 @@ from aiohttp import web
 
 from supervisor.config import Settings
 from supervisor.errors import InternalError, JobError
-from supervisor.formats import CANCELLED, COMPLETED, FAILED, Outcome, failure, requested_format, success
-from supervisor.journal import IN_PROGRESS, IN_QUEUE, RESTARTED_MESSAGE, JobRecord, Journal
-from supervisor.netguard import FetchError, GuardedFetcher, URLRefused, redact_url
-from supervisor.states import State
-from supervisor.workflows import WorkflowLibrary, prepare_input
+from supervisor.api.formats import CANCELLED, COMPLETED, FAILED, Outcome, failure, requested_format, success
+from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, RESTARTED_MESSAGE, JobRecord, Journal
+from supervisor.jobs.netguard import FetchError, GuardedFetcher, URLRefused, redact_url
+from supervisor.comfy.status import State
+from supervisor.api.workflows import WorkflowLibrary, prepare_input
 
 log = logging.getLogger("supervisor.api")
 
@@ -644,7 +644,7 @@ def build_app(service: JobService, settings: Settings) -> web.Application:
         app.router.add_post(f"{prefix}/purge-queue", handle_purge)
         app.router.add_get(f"{prefix}/health", handle_health)
         app.router.add_get(f"{prefix}/workflows", handle_workflows)
-    from supervisor.deploy_api import add_deploy_routes
+    from supervisor.api.deploy import add_deploy_routes
 
     add_deploy_routes(app, service, settings)
     return app
@@ -652,7 +652,7 @@ def build_app(service: JobService, settings: Settings) -> web.Application:
 
 async def serve(settings: Settings, supervisor: Any) -> int:
     """Run the API until SIGTERM/SIGINT (exit 0 after draining) or until the supervisor fails (exit 1)."""
-    from supervisor.jobs import JobEngine
+    from supervisor.jobs.engine import JobEngine
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

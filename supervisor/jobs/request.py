@@ -9,12 +9,12 @@ Forms accepted (see docs/jobs.md):
   ``class_type``; that form has no options;
 * inline images in a node input named ``image`` (seed 002's ``LoadImage``): a data URI, an http(s) URL, or a
   string that decodes as strict base64 to a real image. They are recorded here and resolved by
-  :mod:`supervisor.inputs`; any other string is a file name;
+  :mod:`supervisor.jobs.inputs`; any other string is a file name;
 * a UI-format workflow (``nodes``/``links``) is refused with a message telling the user to export with
   "Export (API)".
 
 Parsing is pure and synchronous: no network, no ComfyUI, no image decoding (which may be large and is done
-off the event loop by :mod:`supervisor.inputs`). Any JSON value gives either a ``JobRequest`` or a
+off the event loop by :mod:`supervisor.jobs.inputs`). Any JSON value gives either a ``JobRequest`` or a
 :class:`~supervisor.errors.JobError` -- never another exception (property-tested).
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from supervisor.config import IMAGE_FORMATS, RESPONSE_FORMATS, Settings, parse_bool
 from supervisor.errors import INVALID_PREFIX, UPLOAD_PREFIX, VALIDATION_PREFIX, InvalidInputError, ValidationError
-from supervisor.inputs import classify_source, validate_name
+from supervisor.jobs.inputs import classify_source, validate_name
 
 SourceKind = Literal["data_uri", "url", "base64"]
 

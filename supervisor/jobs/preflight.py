@@ -5,7 +5,7 @@ useful part, ``node_errors``, is a nest of codes. Users of every existing worker
 validation" and nothing else, or a missing checkpoint without the list of installed ones. Here:
 
 * :class:`NodeCatalog` wraps ``GET /object_info`` (fetched once, refreshed after a restart or when a name is
-  not found -- see :class:`~supervisor.jobs.JobEngine`);
+  not found -- see :class:`~supervisor.jobs.engine.JobEngine`);
 * :func:`preflight` finds unknown node classes, models that are not installed (listing the installed ones),
   ``LoadImage`` inputs naming images that were neither supplied nor present, and inputs a node does not
   have (warnings: ComfyUI silently ignores them, which hides mistakes like seed 003's
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.inputs import ComfyDirs
+from supervisor.jobs.inputs import ComfyDirs
 
 MODEL_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft", ".gguf", ".onnx")
 UPLOAD_FLAGS = ("image_upload",)

@@ -1,4 +1,4 @@
-"""``python -m supervisor.healthcheck``: the image's HEALTHCHECK, the same in both worker modes.
+"""``python -m supervisor.supervision.healthcheck``: the image's HEALTHCHECK, the same in both worker modes.
 
 RunPod mode has no HTTP API, so the check reads the supervisor's state file (``STATE_FILE``), which the
 supervisor rewrites atomically on every state change. Healthy (exit 0) iff
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_settings
+from supervisor.config import ConfigError, load_settings
 
 SERVING = ("ready", "degraded")
 EXIT_HEALTHY = 0

@@ -3,7 +3,7 @@
 It runs on its own thread with its own event loop. The RunPod SDK insists on owning the main thread's loop
 (it calls ``asyncio.run`` itself and installs its own signal handlers), and the self-hosted API has a loop
 of its own too; a supervisor on its own thread serves both unchanged. The rest of the worker talks to it
-only through the thread-safe :class:`~supervisor.states.ComfyHandle` methods below.
+only through the thread-safe :class:`~supervisor.comfy.status.ComfyHandle` methods below.
 
 Lifecycle of one generation (one ComfyUI process)::
 
@@ -33,12 +33,12 @@ from typing import Any
 
 import aiohttp
 
-from .config import Settings
-from .model_paths import write_extra_model_paths
-from .process import ComfyProcess, ExitStatus, LogRing
-from .states import CrashInfo, State, Status
-from .warmup import WarmupError, run_warmup
-from .workflow_classes import required_classes
+from supervisor.config import Settings
+from supervisor.supervision.model_paths import write_extra_model_paths
+from supervisor.supervision.process import ComfyProcess, ExitStatus, LogRing
+from supervisor.comfy.status import CrashInfo, State, Status
+from supervisor.supervision.warmup import WarmupError, run_warmup
+from supervisor.comfy.node_classes import required_classes
 
 log = logging.getLogger("supervisor")
 comfy_log = logging.getLogger("comfyui")

@@ -8,7 +8,7 @@ not only ``images`` (the official worker's users keep asking for gifs, videos an
 Order is deterministic -- workflow node order, then the order ComfyUI lists a node's files (batch index) --
 because seed 003's clients read ``images[0]``.
 
-Files are read from ComfyUI's folders (:func:`supervisor.inputs.comfy_dirs`), never through ``/view``, and
+Files are read from ComfyUI's folders (:func:`supervisor.jobs.inputs.comfy_dirs`), never through ``/view``, and
 never outside those folders whatever a node reports.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from supervisor.inputs import ComfyDirs
+from supervisor.jobs.inputs import ComfyDirs
 
 EXTRA_TYPES = {
     ".webp": "image/webp", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",

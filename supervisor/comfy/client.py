@@ -1,7 +1,7 @@
 """ComfyUI's HTTP and websocket API, as the job engine uses it (facts: comfyui-protocol.md sections 2-5).
 
 One :class:`ComfyClient` per worker, over one aiohttp session. It knows the wire format and nothing about
-jobs: the engine (:mod:`supervisor.jobs`) decides when to call what. Every network failure becomes a
+jobs: the engine (:mod:`supervisor.jobs.engine`) decides when to call what. Every network failure becomes a
 :class:`~supervisor.errors.ComfyUnavailableError` saying which server could not be reached, in the words the
 official worker documents ("ComfyUI server (127.0.0.1:8188) not reachable ...").
 

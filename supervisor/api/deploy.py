@@ -2,7 +2,7 @@
 
 * ``POST /api/run`` ``{"deployment_id", "inputs", "webhook"?}`` -> ``{"run_id"}``. The deployment id names a
   named workflow (its file name, or an alias such as a ``deployment_id`` in the file; see
-  :mod:`supervisor.workflows`); ``inputs`` are its parameters. Unknown deployments and bad inputs are refused
+  :mod:`supervisor.api.workflows`); ``inputs`` are its parameters. Unknown deployments and bad inputs are refused
   at once (404 / 400) with what exists.
 * ``GET /api/run?run_id=`` -> ``{"id", "created_at", "updated_at", "status": "not-started" | "running" |
   "success" | "failed", "workflow_inputs", "workflow_outputs": {"images": [{"filename", "url", "type"}]},
@@ -35,11 +35,11 @@ from aiohttp import web
 
 from supervisor.config import Settings
 from supervisor.errors import JobError
-from supervisor.formats import COMPLETED
-from supervisor.http_api import QueueFull, ShuttingDown, error_response, public
-from supervisor.journal import IN_PROGRESS, IN_QUEUE, UploadRecord
-from supervisor.outputs import media_type
-from supervisor.workflows import is_named_request
+from supervisor.api.formats import COMPLETED
+from supervisor.api.http_api import QueueFull, ShuttingDown, error_response, public
+from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, UploadRecord
+from supervisor.jobs.outputs import media_type
+from supervisor.api.workflows import is_named_request
 
 log = logging.getLogger("supervisor.deploy")
 

@@ -3,10 +3,10 @@
 ``JobEngine.run_job(job_id, request, on_progress)`` is the whole life of a job, independent of how it arrived
 (RunPod or the self-hosted API):
 
-1. parse the request (:mod:`supervisor.request`) and resolve its images -- decoded, downloaded through the
-   SSRF guard, verified (:mod:`supervisor.inputs`). A bad input fails here, before ComfyUI hears of the job;
+1. parse the request (:mod:`supervisor.jobs.request`) and resolve its images -- decoded, downloaded through the
+   SSRF guard, verified (:mod:`supervisor.jobs.inputs`). A bad input fails here, before ComfyUI hears of the job;
 2. wait until the supervisor says ComfyUI is serving, and note which process (generation) that is;
-3. preflight against ``/object_info`` (:mod:`supervisor.preflight`): node classes, installed models, images
+3. preflight against ``/object_info`` (:mod:`supervisor.jobs.preflight`): node classes, installed models, images
    that were neither supplied nor present; unknown inputs become warnings;
 4. upload the images into ``input/<job folder>/``, rewrite the inputs naming them, and give every output
    node's ``filename_prefix`` the job folder, so outputs are isolated, cleanup is one folder and ComfyUI's
@@ -43,7 +43,7 @@ from typing import Any
 
 import aiohttp
 
-from supervisor.comfy_client import ComfyClient, ComfyUploadError, PromptRejected
+from supervisor.comfy.client import ComfyClient, ComfyUploadError, PromptRejected
 from supervisor.config import Settings
 from supervisor.errors import (
     EXECUTION_PREFIX,
@@ -58,9 +58,9 @@ from supervisor.errors import (
     OutputTooLargeError,
     ValidationError,
 )
-from supervisor.inputs import ComfyDirs, ResolvedInputs, comfy_dirs, resolve_inputs
-from supervisor.netguard import GuardedFetcher
-from supervisor.outputs import (
+from supervisor.jobs.inputs import ComfyDirs, ResolvedInputs, comfy_dirs, resolve_inputs
+from supervisor.jobs.netguard import GuardedFetcher
+from supervisor.jobs.outputs import (
     JobOutput,
     LoadedFile,
     OutputRef,
@@ -70,10 +70,10 @@ from supervisor.outputs import (
     merge_ui_outputs,
     serialised_size,
 )
-from supervisor.preflight import NodeCatalog, node_label, preflight, render_node_errors, render_prompt_error
-from supervisor.request import JobRequest, parse_request
-from supervisor.states import ComfyHandle, CrashInfo, Status
-from supervisor.storage import BucketStorage, Upload
+from supervisor.jobs.preflight import NodeCatalog, node_label, preflight, render_node_errors, render_prompt_error
+from supervisor.jobs.request import JobRequest, parse_request
+from supervisor.comfy.status import ComfyHandle, CrashInfo, Status
+from supervisor.jobs.storage import BucketStorage, Upload
 
 log = logging.getLogger("supervisor.jobs")
 
