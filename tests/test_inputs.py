@@ -10,7 +10,8 @@ from PIL import Image
 
 from supervisor.config import Settings
 from supervisor.errors import InvalidInputError
-from supervisor.jobs.inputs import decode_base64, resolve_inputs, validate_name, verify_image
+from supervisor.jobs.image_checks import decode_base64, validate_name, verify_image
+from supervisor.jobs.inputs import resolve_inputs
 from supervisor.jobs.netguard import GuardedFetcher
 from supervisor.jobs.request import parse_request
 from tests.helpers.jobs import b64, loopback_server, png_bytes, redirect, static

@@ -29,9 +29,7 @@ from typing import Any, Literal
 
 from supervisor.config import IMAGE_FORMATS, RESPONSE_FORMATS, Settings, parse_bool
 from supervisor.errors import INVALID_PREFIX, UPLOAD_PREFIX, VALIDATION_PREFIX, InvalidInputError, ValidationError
-from supervisor.jobs.inputs import classify_source, validate_name
-
-SourceKind = Literal["data_uri", "url", "base64"]
+from supervisor.jobs.image_checks import SourceKind, classify_source, validate_name
 
 WORKFLOW_KEYS = ("workflow", "prompt")
 OPTION_KEYS = ("images", "timeout_s", "response_format", "image_format", "image_quality", "include_temp")
