@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from supervisor.errors import ERROR_KINDS, ExecutionError, JobTimeoutError, ValidationError
 from supervisor.api.formats import COMPLETED, FAILED, TIMED_OUT, Outcome, failure, requested_format, success
-from supervisor.jobs.engine import JobResult
+from supervisor.jobs.job import JobResult
 from supervisor.jobs.outputs import JobOutput
 from tests.helpers.api import assert_shape, seed
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from supervisor.errors import JobError, OutputTooLargeError, ValidationError
-from supervisor.jobs.engine import JobResult
+from supervisor.jobs.job import JobResult
 from tests.helpers.jobs import (
     Rig,
     b64,

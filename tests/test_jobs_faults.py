@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from supervisor.errors import ComfyUnavailableError, ExecutionError, JobError, JobTimeoutError
-from supervisor.jobs.engine import JobEngine, JobResult
+from supervisor.jobs.engine import JobEngine
+from supervisor.jobs.job import JobResult
 from tests.helpers.jobs import ProxiedHandle, Rig, TcpProxy, seed_body, seed_models, supervisor_rig
 
 MODELS = seed_models("001_request.json")
