@@ -3,7 +3,7 @@
 ComfyUI is spawned first, before any heavy import, so its ~10 s start overlaps the worker's own start-up
 (``import runpod`` alone takes ~2 s). Then one front door serves jobs until it is told to stop:
 ``WORKER_MODE=runpod`` the RunPod SDK's worker loop (:mod:`supervisor.api.runpod_worker`), ``http`` the
-self-hosted API with RunPod's contract (:mod:`supervisor.api.http_api`).
+self-hosted API with RunPod's contract (:mod:`supervisor.api.http_server`).
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT, or ``REFRESH_WORKER`` after its job), 1 when the supervisor
 is ``failed`` (crash loop: the platform should replace the worker), 2 on a configuration error.
@@ -36,7 +36,7 @@ def main() -> int:
     setup_logging(settings.log_level)
     _default_sigint()
     if settings.worker_mode == "http":
-        from supervisor.api.http_api import auth_refusal  # light: aiohttp only
+        from supervisor.api.http_middleware import auth_refusal  # light: aiohttp only
 
         refusal = auth_refusal(settings)
         if refusal:
@@ -46,10 +46,12 @@ def main() -> int:
     supervisor = ComfySupervisor(settings)
     supervisor.start()
     if settings.worker_mode == "runpod":
-        from supervisor.api.runpod_worker import serve_runpod  # imports the RunPod SDK (~2 s) while ComfyUI starts
+        from supervisor.api.runpod_worker import (
+            serve_runpod,  # imports the RunPod SDK (~2 s) while ComfyUI starts
+        )
 
         return serve_runpod(settings, supervisor)
-    from supervisor.api.http_api import serve
+    from supervisor.api.http_server import serve
 
     return asyncio.run(serve(settings, supervisor))
 

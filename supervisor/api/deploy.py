@@ -33,13 +33,14 @@ from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp import web
 
+from supervisor.api.formats import COMPLETED
+from supervisor.api.http_base import error_response, public
+from supervisor.api.job_service import QueueFull, ShuttingDown
+from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, UploadRecord
+from supervisor.api.workflows import is_named_request
 from supervisor.config import Settings
 from supervisor.errors import JobError
-from supervisor.api.formats import COMPLETED
-from supervisor.api.http_api import QueueFull, ShuttingDown, error_response, public
-from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, UploadRecord
 from supervisor.jobs.outputs import media_type
-from supervisor.api.workflows import is_named_request
 
 log = logging.getLogger("supervisor.deploy")
 

@@ -30,11 +30,11 @@ import threading
 import time
 from typing import Any
 
+from supervisor.api.formats import Outcome, failure, requested_format, success
+from supervisor.api.workflows import WorkflowLibrary, prepare_input
+from supervisor.comfy.status import State, Status
 from supervisor.config import Settings
 from supervisor.errors import ComfyUnavailableError, InternalError, JobError
-from supervisor.api.formats import Outcome, failure, requested_format, success
-from supervisor.comfy.status import State, Status
-from supervisor.api.workflows import WorkflowLibrary, prepare_input
 
 log = logging.getLogger("supervisor.runpod")
 

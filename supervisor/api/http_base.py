@@ -1,0 +1,30 @@
+"""What every HTTP route of the self-hosted API shares: the app's keys, the JSON error body, public routes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from supervisor.api.job_service import JobService
+from supervisor.config import Settings
+
+SERVICE: web.AppKey[JobService] = web.AppKey("service", JobService)
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+
+
+def public(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a route as served without the bearer token (health, capability URLs)."""
+    handler.public = True  # type: ignore[attr-defined]
+    return handler
+
+
+def error_response(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def not_found(request: web.Request, job_id: str) -> web.Response:
+    retention = request.app[SETTINGS].job_retention_s
+    return error_response(404, f"job {job_id!r} not found (finished jobs are kept {retention:g} s, "
+                               "JOB_RETENTION_S)")

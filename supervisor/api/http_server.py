@@ -1,0 +1,108 @@
+"""The self-hosted front door: an HTTP API with RunPod's endpoint contract, so a RunPod client works unchanged.
+
+Routes (also under ``/v2/{endpoint_id}/``, so a RunPod URL works by changing only the host):
+
+* ``POST /run`` -> ``{"id", "status": "IN_QUEUE"}``; ``POST /runsync`` waits up to ``RUNSYNC_WAIT_S`` (or
+  ``?wait=<ms>``) and answers the finished job, or its id and current status;
+* ``GET|POST /status/{id}``, ``POST /cancel/{id}``, ``GET|POST /stream/{id}``, ``POST /purge-queue``;
+* ``GET /health`` (no auth): RunPod's ``jobs``/``workers`` counts plus ``comfyui`` (the supervisor's status),
+  503 while ComfyUI is not serving;
+* ``GET /workflows``: the named workflows and their parameters;
+* the ComfyUI Deploy facade (seed 004), see :mod:`supervisor.api.deploy`.
+
+Every answer is JSON. A job body is RunPod's: ``id``, ``status`` (``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``,
+``FAILED``, ``CANCELLED``, ``TIMED_OUT``), ``delayTime``/``executionTime`` in ms once it ran, and ``output``
+or ``error`` (see :mod:`supervisor.api.formats`). Jobs are journaled (:mod:`supervisor.api.journal`); up to
+``MAX_CONCURRENCY`` run at once, at most ``MAX_QUEUE`` wait (429 beyond), finished ones are kept
+``JOB_RETENTION_S``. A ``webhook`` in the request receives the final job body by POST, through the SSRF guard.
+
+SIGTERM: no new jobs (503), the queue is kept for the next start, running jobs get ``SHUTDOWN_GRACE_S`` to
+finish; any still running then is FAILED saying so.
+
+Reference for clients: ``docs/api.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from supervisor.api.deploy import add_deploy_routes
+from supervisor.api.http_base import SERVICE, SETTINGS
+from supervisor.api.http_middleware import auth_middleware, errors_middleware
+from supervisor.api.http_routes import add_runpod_routes
+from supervisor.api.job_service import JobService
+from supervisor.api.journal import Journal
+from supervisor.api.workflows import WorkflowLibrary
+from supervisor.comfy.status import State
+from supervisor.config import Settings
+from supervisor.jobs.engine import JobEngine
+
+log = logging.getLogger("supervisor.api")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def build_app(service: JobService, settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_request_bytes,
+                          middlewares=[errors_middleware, auth_middleware])
+    app[SERVICE] = service
+    app[SETTINGS] = settings
+    add_runpod_routes(app)
+    add_deploy_routes(app, service, settings)
+    return app
+
+
+async def serve(settings: Settings, supervisor: Any) -> int:
+    """Run the API until SIGTERM/SIGINT (exit 0 after draining) or until the supervisor fails (exit 1)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    journal = await Journal.open(settings.data_dir / "jobs.sqlite3")
+    library = WorkflowLibrary.load(settings.workflows_dir)
+    engine = JobEngine(settings, supervisor)
+    service = JobService(settings, supervisor, engine, journal, library)
+    app = build_app(service, settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.api_host, settings.api_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s (API_HOST, API_PORT)", settings.api_host, settings.api_port,
+                  exc.strerror or exc)
+        await runner.cleanup()
+        await journal.close()
+        await asyncio.to_thread(supervisor.stop)
+        return EXIT_FAILED
+    await service.start()
+    shown = f"[{settings.api_host}]" if ":" in settings.api_host else settings.api_host
+    log.info("API listening on http://%s:%d (auth: %s; %d named workflow(s); concurrency %d)", shown,
+             settings.api_port, "bearer token" if settings.api_key else "none", len(library.workflows),
+             settings.max_concurrency)
+    finished = asyncio.ensure_future(asyncio.to_thread(supervisor.wait_finished))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({finished, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    failed = supervisor.status().state is State.FAILED and not stop.is_set()
+    if failed:
+        log.error("exiting: %s", (supervisor.status().message or "ComfyUI failed").splitlines()[0])
+        grace = min(settings.shutdown_grace_s, 5.0)  # long enough for the running jobs to report the failure
+    else:
+        log.info("stop requested: no new jobs; running jobs get up to %g s (SHUTDOWN_GRACE_S)",
+                 settings.shutdown_grace_s)
+        supervisor.begin_shutdown()
+        grace = settings.shutdown_grace_s
+    stopping.cancel()
+    await service.shutdown(grace)
+    await runner.cleanup()
+    await engine.close()
+    await journal.close()
+    await asyncio.to_thread(supervisor.stop)
+    finished.cancel()
+    return EXIT_FAILED if failed else EXIT_OK
