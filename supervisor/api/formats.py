@@ -1,6 +1,6 @@
 """Response formats: what a finished job looks like to the client that sent it.
 
-One job result (:class:`~supervisor.jobs.engine.JobResult`) or one failure (:class:`~supervisor.errors.JobError`) is
+One job result (:class:`~supervisor.jobs.job.JobResult`) or one failure (:class:`~supervisor.errors.JobError`) is
 turned into the shape a given client was written for. The format is chosen per deployment
 (``RESPONSE_FORMAT``) and per request (``input.response_format``). On RunPod the platform wraps the handler's
 return value in ``output``; the self-hosted API does the same, so the shapes below are ``output``:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.errors import INVALID_PREFIX, InvalidInputError
-from supervisor.jobs.inputs import classify_source
+from supervisor.jobs.image_checks import classify_source
 from supervisor.jobs.request import json_type_name
 
 log = logging.getLogger("supervisor.workflows")

@@ -18,7 +18,6 @@ from pathlib import Path
 from supervisor.config import Settings
 from supervisor.errors import UPLOAD_PREFIX, InvalidInputError
 from supervisor.jobs.image_checks import FORMAT_EXTENSIONS, NAME_MAX, decode_base64, verify_image
-from supervisor.jobs.image_checks import classify_source as classify_source  # re-export: api.workflows uses it
 from supervisor.jobs.netguard import FetchError, GuardedFetcher, URLRefused, redact_url
 from supervisor.jobs.request import InlineImage, JobRequest, SuppliedImage
 

@@ -186,8 +186,6 @@ def test_healthcheck_is_healthy_when_the_worker_is_ready(worker: Worker) -> None
 
 
 def test_healthcheck_works_in_runpod_mode_without_an_http_api(engine: Any, image: ImageUnderTest) -> None:
-    if not (image.context / "supervisor" / "runpod_handler.py").exists():
-        pytest.skip("the RunPod front door (supervisor/runpod_handler.py) is not in this checkout yet")
     # RunPod's job queue is unreachable here: the SDK's loop keeps asking, the supervisor is ready all the same.
     container = engine.containers.run(
         image.ref, detach=True, name=f"imagetest-runpod-{uuid.uuid4().hex[:8]}",
@@ -262,9 +260,6 @@ def txt2img_workflow() -> dict[str, Any]:
 
 
 def test_runsync_against_the_running_container_returns_an_image(worker: Worker, image: ImageUnderTest) -> None:
-    if not (image.context / "supervisor" / "http_api.py").exists():
-        pytest.skip("the self-hosted HTTP API (supervisor/http_api.py, the front-doors issue) is not in this "
-                    "checkout, so the image serves no /runsync yet; this check runs as soon as it lands")
     wait_for(lambda: health(worker.container).get("Status") == "healthy", READY_TIMEOUT_S, "a healthy worker")
     body = {"input": {"workflow": txt2img_workflow()}}
     status, _ = _post(f"{worker.api_url}/runsync", body, None, timeout=30)
