@@ -13,6 +13,8 @@ from .config import PROG, FetchConfig
 
 @dataclass(frozen=True)
 class Target:
+    """One entry to fetch: where its file goes, and the token its source is sent (never shown)."""
+
     entry: ModelEntry
     dest: Path
     token: str | None = field(repr=False, default=None)
@@ -21,6 +23,8 @@ class Target:
 
 @dataclass
 class Plan:
+    """The targets to fetch, the notices for skipped optional entries, and the problems that stop the fetch."""
+
     targets: list[Target]
     skipped: list[str]
     problems: list[str]
