@@ -4,7 +4,7 @@
     python scripts/bench_fetch.py [--size-mb 512] [--repeats 5] [--rate-mb 200] [--chunk-kb 0] [--json FILE]
 
 Serves one file of --size-mb random-looking bytes from tests/hubserver/server.py on 127.0.0.1 and downloads it
-with the fetcher's own streaming code (``fetch_models.stream_body``) in three modes, round-robin so drift hits
+with the fetcher's own streaming code (``buildlib.models.streaming.stream_body``) in three modes, round-robin so drift hits
 all modes alike:
 
 * ``none``    -- write only, no hash (the baseline);
@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import httpx2  # noqa: E402
-from fetch_models import hash_file, stream_body  # noqa: E402
+from buildlib.models.streaming import hash_file, stream_body  # noqa: E402
 from tests.hubserver.harness import HubServer  # noqa: E402
 
 MODES = ("none", "inline", "thread")

@@ -429,7 +429,7 @@ def test_the_output_filter_masks_every_known_secret_value(capsys: pytest.Capture
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from build_common import Redactor, redacted_stdio
+    from buildlib.common import Redactor, redacted_stdio
 
     redact = Redactor()
     redact.add(TOKEN, None, "ab")  # too short to mask: it would garble every line

@@ -16,7 +16,7 @@ from tests.hubserver.harness import run_script, script_env
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-import manifest as mf  # noqa: E402
+from buildlib import manifest as mf  # noqa: E402
 
 GOOD = {"folder": "checkpoints", "filename": "a.safetensors", "hf": {"repo": "org/name", "file": "a.safetensors"}}
 

@@ -1,6 +1,6 @@
 """Small pieces shared by the build-time tools (model fetcher, node installer).
 
-These scripts run inside ``docker build`` with a bare interpreter (huggingface_hub, PyYAML, tqdm), not with the
+These tools run inside ``docker build`` with a bare interpreter (huggingface_hub, PyYAML, tqdm), not with the
 worker package installed, so they cannot use ``supervisor.config``; this module gives them the same habits:
 settings read from the environment once into a typed object, problems collected and reported together, and
 secrets that never reach any output.
