@@ -48,18 +48,23 @@ def make_dev(tmp_path: Path, *make_args: str, log_name: str = "make-dev.log",
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         running = MakeDev(api_url=f"http://127.0.0.1:{env['API_PORT']}", log_path=log_path)
         try:
-            def healthy() -> bool:
-                assert dev.poll() is None, running.log_text()
-                try:
-                    with urllib.request.urlopen(f"{running.api_url}/health", timeout=2) as resp:
-                        return resp.status == 200
-                except OSError:
-                    return False
-
-            wait_for(healthy, 60, interval=0.1, what="make dev to serve /health")
+            wait_for_health(dev, running.api_url, log_path, 60, "make dev")
             yield running
         finally:
             _stop(dev, env["TEST_TREE_ID"])
+
+
+def wait_for_health(proc: subprocess.Popen[bytes], api_url: str, log_path: Path, timeout: float, what: str) -> None:
+    """Until ``GET api_url/health`` answers 200; fails at once, with ``what``'s log, when ``proc`` ends first."""
+    def healthy() -> bool:
+        assert proc.poll() is None, f"{what} ended:\n{log_path.read_text(errors='replace')[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, timeout, interval=0.1, what=f"{what} to serve {api_url}/health")
 
 
 def _stop(dev: subprocess.Popen[bytes], tree_id: str) -> None:
