@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip
 	@echo ">> $(VENV): installing the worker's dependencies and test tools from pyproject.toml"
-	@$(PY) -m pip install --quiet -e '.[test]'
+	@# setuptools' notice about editable installs is information, not a problem of this project: not shown
+	@PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 	@echo ">> $(VENV) ready"
 
