@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# `make dev`'s data (job journal, state, ComfyUI's folders), outside the checkout; KEEP_JOURNAL=1 keeps its jobs.
+DEV_DATA ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/comfyui-worker/dev
+KEEP_JOURNAL ?=
+# The targets leave the checkout as it was cloned: no __pycache__ in it (pytest's cache is off in `make test`).
+export PYTHONDONTWRITEBYTECODE ?= 1
 
 .DEFAULT_GOAL := help
 
@@ -11,21 +16,27 @@ help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
-	@echo ">> creating/updating the virtual environment in $(VENV)"
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "venv: the worker needs Python 3.11+; $(PYTHON) is $$($(PYTHON) --version 2>&1 || echo missing): set PYTHON, e.g. make $(MAKECMDGOALS) PYTHON=python3.11" >&2; exit 1; }
+	@echo ">> creating/updating the virtual environment in $(VENV) with $$($(PYTHON) --version): the worker and its test tools (about a minute the first time; pip is quiet unless something fails)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --quiet -e '.[test]'
+	@echo ">> $(VENV): installing the worker's dependencies and test tools from pyproject.toml"
+	@# setuptools' notice about editable installs is information, not a problem of this project: not shown
+	@PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
+	@echo ">> $(VENV) ready"
 
 venv: $(VENV)/.installed ## Create or reuse the virtual environment with the worker and its test tools
 
 test: venv ## Run the test suite (creates the virtual environment on first use)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-dev: venv ## Run the worker on this machine (no GPU) against the stand-in ComfyUI in tests/standin
+dev: venv ## Run the worker on this machine (no GPU) against the stand-in ComfyUI (data: DEV_DATA; KEEP_JOURNAL=1 keeps old jobs)
 	@echo ">> worker in self-hosted mode on http://127.0.0.1:$${API_PORT:-8000}, ComfyUI = the stand-in (tests/standin)"
-	COMFYUI_DIR=tests/standin COMFYUI_ARGS="--cpu" DATA_DIR=data/dev MODELS_DIR=data/dev/models \
-	WORKER_MODE=http STATE_FILE=data/dev/state.json $(PY) -m supervisor
+	@echo ">> data in $(DEV_DATA); $(if $(call YES,$(KEEP_JOURNAL)),keeping the job journal of earlier runs,the job journal starts empty (KEEP_JOURNAL=1 keeps it))"
+	@$(if $(call YES,$(KEEP_JOURNAL)),:,rm -f "$(DEV_DATA)"/jobs.sqlite3 "$(DEV_DATA)"/jobs.sqlite3-wal "$(DEV_DATA)"/jobs.sqlite3-shm "$(DEV_DATA)"/jobs.sqlite3-journal)
+	COMFYUI_DIR=tests/standin COMFYUI_ARGS="--cpu" DATA_DIR="$(DEV_DATA)" MODELS_DIR="$(DEV_DATA)/models" \
+	WORKER_MODE=http STATE_FILE="$(DEV_DATA)/state.json" $(PY) -m supervisor
 
 bench: venv ## Benchmarks: prints a table, writes bench.json and docs/benchmarks.md (QUICK=1 for the CI version)
 	@echo ">> benchmarks against $${COMFYUI_DIR:-the stand-in ComfyUI}$(if $(QUICK), (quick))"
@@ -37,11 +48,16 @@ chaos: venv ## Chaos soak through the self-hosted API: 500 jobs while ComfyUI is
 
 .PHONY: help venv test dev bench chaos
 
+# Whether a yes/no variable says yes (1, true or yes).
+YES = $(filter 1 true yes TRUE YES True Yes,$(1))
+
 # ------------------------------------------------------------------------------------------------ the image
 # `make build` bakes ComfyUI, the pinned custom nodes (custom_nodes.txt) and the verified models (models.yaml)
-# into a CUDA image; docs/image.md explains every variable. BuildKit is required (RUN --mount); where the
-# `docker` client has no buildx, use the engine's own client: DOCKER=/usr/bin/docker.
+# into a CUDA image; docs/image.md explains every variable. BuildKit is required (RUN --mount): `make build` uses
+# DOCKER when it was set, else the first client that can (docker/buildkit-client.sh: `docker` with buildx, or
+# the engine's own /usr/bin/docker), and says in one line what to install or set when there is none.
 DOCKER ?= docker
+BUILD_DOCKER = $(eval BUILD_DOCKER := $$(shell bash docker/buildkit-client.sh $(if $(filter file,$(origin DOCKER)),,'$(DOCKER)')))$(BUILD_DOCKER)
 REGISTRY ?=
 IMAGE ?= comfyui-worker
 TAG ?= latest
@@ -66,17 +82,19 @@ comma := ,
 SECRET_FLAGS = $(if $(HF_TOKEN_FILE),--secret id=HF_TOKEN$(comma)src=$(HF_TOKEN_FILE)) \
                $(if $(CIVITAI_TOKEN_FILE),--secret id=CIVITAI_TOKEN$(comma)src=$(CIVITAI_TOKEN_FILE))
 SECRET_IDS = $(strip $(if $(HF_TOKEN_FILE),HF_TOKEN) $(if $(CIVITAI_TOKEN_FILE),CIVITAI_TOKEN))
+VARIANT_BUILD_ARGS ?=
 
-BUILD_CMD = DOCKER_BUILDKIT=1 $(DOCKER) build --progress=$(PROGRESS) -f $(DOCKERFILE) -t $(IMAGE_REF) \
+BUILD_CMD = DOCKER_BUILDKIT=1 $(BUILD_DOCKER) build --progress=$(PROGRESS) -f $(DOCKERFILE) -t $(IMAGE_REF) \
 	--build-arg BASE_IMAGE=$(BASE_IMAGE) $(if $(COMFYUI_REF),--build-arg COMFYUI_REF=$(COMFYUI_REF)) \
-	$(SECRET_FLAGS) $(BUILD_ARGS) $(BUILD_FLAGS) $(CONTEXT)
+	$(SECRET_FLAGS) $(VARIANT_BUILD_ARGS) $(BUILD_ARGS) $(BUILD_FLAGS) $(CONTEXT)
 CONTAINER ?= comfyui-worker
 RUN_CMD = $(DOCKER) run --rm --name $(CONTAINER) $(if $(GPUS),--gpus $(GPUS)) -p $(HOST_ADDR):$(PORT):8000 \
 	--env-file $(ENV_FILE) -v $(DATA_VOLUME):/data $(RUN_FLAGS) $(IMAGE_REF)
 
 build: ## Build the image REGISTRY/IMAGE:TAG (BASE_IMAGE, COMFYUI_REF, HF_TOKEN_FILE, BUILD_ARGS, ... see docs/image.md)
-	@echo ">> building $(IMAGE_REF) from $(DOCKERFILE) on $(BASE_IMAGE) (context $(CONTEXT); secrets: $(or $(SECRET_IDS),none))"
 	@for f in $(HF_TOKEN_FILE) $(CIVITAI_TOKEN_FILE); do test -r "$$f" || { echo "build: the secret file $$f cannot be read" >&2; exit 1; }; done
+	@test -n "$(BUILD_DOCKER)" || exit 1  # docker/buildkit-client.sh said why, in one line
+	@echo ">> building $(IMAGE_REF) from $(DOCKERFILE) on $(BASE_IMAGE) with $(BUILD_DOCKER) (context $(CONTEXT); secrets: $(or $(SECRET_IDS),none))"
 	$(strip $(BUILD_CMD))
 	@echo ">> built $(IMAGE_REF)"
 
@@ -95,3 +113,34 @@ test-image: venv ## Build the image's test variant (no GPU, no torch, stand-in C
 	$(PY) -m pytest tests/image $(PYTEST_ARGS)
 
 .PHONY: build push run test-image
+
+# ------------------------------------------------------------------------------------------------ a CPU image
+# A small image of your own, without a GPU: docker/Dockerfile with no CUDA base, no torch, the stand-in
+# (tests/standin) as ComfyUI, no models and no custom nodes (docker/cpu/). Its base, CPU_BASE_IMAGE, is by default
+# a Debian made on this machine with debootstrap (docker/ci/base-image.sh: root, a Debian/Ubuntu host, no
+# registry needed); with Docker Hub at hand, CPU_BASE_IMAGE=debian:bookworm-slim works too.
+CPU_IMAGE ?= comfyui-worker-cpu
+CPU_BASE_IMAGE ?= local/bookworm:base
+CPU_PORT ?= $(PORT)
+CPU_CONTAINER ?= comfyui-worker-cpu
+# What the stand-in imports (the worker's own pins, so pip's cache serves both venvs).
+STANDIN_PACKAGES = requests aiohttp==3.14.5 Pillow==13.0.0 PyYAML==6.0.3
+CPU_BUILD_ARGS = --build-arg COMFYUI_SOURCE=local --build-arg COMFYUI_LOCAL_DIR=tests/standin \
+	--build-arg TORCH_PACKAGES= --build-arg SYSTEM_PACKAGES= --build-arg 'COMFYUI_EXTRA_PACKAGES=$(STANDIN_PACKAGES)' \
+	--build-arg MODELS_MANIFEST=docker/cpu/models.yaml --build-arg NODES_MANIFEST=docker/cpu/custom_nodes.txt
+CPU_RUN_CMD = $(DOCKER) run --rm --name $(CPU_CONTAINER) -p $(HOST_ADDR):$(CPU_PORT):8000 -e COMFYUI_ARGS=--cpu \
+	-e ALLOW_UNAUTHENTICATED=true $(RUN_FLAGS) $(CPU_IMAGE):$(TAG)
+
+build-cpu: export VARIANT_BUILD_ARGS = $(CPU_BUILD_ARGS)
+build-cpu: ## Build a CPU image of your own, CPU_IMAGE:TAG: the stand-in as ComfyUI, no CUDA, no torch, no models
+	@test -n "$(BUILD_DOCKER)" || exit 1  # docker/buildkit-client.sh said why, in one line
+	@$(if $(filter local/%,$(CPU_BASE_IMAGE)),DOCKER=$(BUILD_DOCKER) BASE_TAG=$(CPU_BASE_IMAGE) bash docker/ci/base-image.sh \
+		|| { echo "build-cpu: the base image $(CPU_BASE_IMAGE) could not be made (above); with Docker Hub at hand: make build-cpu CPU_BASE_IMAGE=debian:bookworm-slim" >&2; exit 1; },:)
+	@$(MAKE) --no-print-directory build IMAGE=$(CPU_IMAGE) BASE_IMAGE=$(CPU_BASE_IMAGE) REGISTRY=
+
+run-cpu: ## Run the CPU image on http://HOST_ADDR:CPU_PORT (loopback only: it serves without an API key)
+	@case "$(HOST_ADDR)" in 127.*|localhost|::1) ;; *) echo "run-cpu: serves without an API key, so only on a loopback HOST_ADDR (127.0.0.1), not $(HOST_ADDR); for more, run it like the GPU image: make run GPUS= IMAGE=$(CPU_IMAGE) (API_KEY in $(ENV_FILE))" >&2; exit 1;; esac
+	@echo ">> running $(CPU_IMAGE):$(TAG) (the stand-in ComfyUI, CPU): API on http://$(HOST_ADDR):$(CPU_PORT), no API key; Ctrl-C stops it"
+	$(strip $(CPU_RUN_CMD))
+
+.PHONY: build-cpu run-cpu

@@ -13,7 +13,8 @@ once its hash is right. Tokens come from BuildKit secret files (``/run/secrets/<
 are never printed.
 
 This file is the command line; the fetcher itself is in ``scripts/buildlib/`` (see its ``__init__``). ``check``
-imports only the standard library and PyYAML; ``fetch`` and ``lock`` load the download stack.
+imports only the standard library and PyYAML; ``fetch`` and ``lock`` load the download stack. A missing one of
+those packages exits 3 with one line naming the package to install.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ if str(HERE) not in sys.path:
 
 # Only what `check` needs: the standard library and PyYAML. The download stack (httpx2, huggingface_hub) is
 # imported by `fetch` and `lock` alone, below.
-from buildlib.common import ConfigError, Redactor, Secrets, redacted_stdio  # noqa: E402
+from buildlib.common import ConfigError, Redactor, Secrets, install_hint, redacted_stdio  # noqa: E402
 from buildlib.manifest import ManifestError, load_manifest, missing_hashes  # noqa: E402
 from buildlib.models.config import PROG, PROGRESS_MODES, FetchConfig  # noqa: E402
+
+EXIT_INVALID = 2
+EXIT_MISSING_DEPENDENCY = 3
 
 
 def parse_args(argv: list[str], cfg: FetchConfig) -> argparse.Namespace:
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = FetchConfig.from_env(os.environ)
         except ConfigError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_INVALID
         args = parse_args(sys.argv[1:] if argv is None else argv, cfg)
         overrides = {k: getattr(args, a) for k, a in (("manifest", "manifest"), ("models_dir", "models_dir"),
                      ("cache_dir", "cache"), ("jobs", "jobs"), ("retries", "retries"), ("progress", "progress"))
@@ -91,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_fetch(cfg, manifest, secrets, args.dry_run, args.only)
         except ManifestError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_INVALID
+        except ModuleNotFoundError as exc:
+            hint = install_hint(exc)
+            if hint is None:
+                raise
+            print(f"{PROG}: error: {hint}, or use the worker's venv: .venv/bin/python {sys.argv[0]}", file=sys.stderr)
+            return EXIT_MISSING_DEPENDENCY
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; partial downloads are kept for the next run", file=sys.stderr)
             return 130

@@ -335,6 +335,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"RESTART_BACKOFF_MAX_S={s.restart_backoff_max_s} is smaller than RESTART_BACKOFF_S="
             f"{s.restart_backoff_s}; accepted: a cap >= the first delay"
         )
+    if s.worker_mode == "http" and s.api_port == s.comfyui_port:
+        r.problems.append(
+            f"API_PORT={s.api_port} and COMFYUI_PORT={s.comfyui_port} are the same port; accepted: two different "
+            "ports (the API and ComfyUI each listen on their own)"
+        )
     if bool(s.bucket_access_key_id) != bool(s.bucket_secret_access_key) or (
         (s.bucket_access_key_id or s.bucket_secret_access_key) and not s.bucket_endpoint_url
     ):

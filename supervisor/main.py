@@ -5,8 +5,12 @@ ComfyUI is spawned first, before any heavy import, so its ~10 s start overlaps t
 ``WORKER_MODE=runpod`` the RunPod SDK's worker loop (:mod:`supervisor.api.runpod_worker`), ``http`` the
 self-hosted API with RunPod's contract (:mod:`supervisor.api.http_server`).
 
+Before anything starts, the ports it will listen on are checked (:mod:`supervisor.supervision.ports`): a
+taken one stops start-up with one line naming it, before ComfyUI is spawned.
+
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT, or ``REFRESH_WORKER`` after its job), 1 when the supervisor
-is ``failed`` (crash loop: the platform should replace the worker), 2 on a configuration error.
+is ``failed`` (crash loop: the platform should replace the worker), 2 on a configuration error (a port in use
+included).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 
 from supervisor.config import ConfigError, load_settings
 from supervisor.logs import setup_logging
+from supervisor.supervision.ports import first_port_problem
 from supervisor.supervision.supervisor import ComfySupervisor
 
 log = logging.getLogger("supervisor.main")
@@ -42,6 +47,10 @@ def main() -> int:
         if refusal:
             print(f"comfyui-worker: invalid configuration: {refusal}", file=sys.stderr)
             return EXIT_CONFIG
+    port_problem = first_port_problem(settings)
+    if port_problem is not None:
+        print(f"comfyui-worker: {port_problem.describe()}", file=sys.stderr)
+        return EXIT_CONFIG
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # until a front door installs its own handling
     supervisor = ComfySupervisor(settings)
     supervisor.start()

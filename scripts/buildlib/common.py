@@ -23,6 +23,31 @@ REDACTED = "***"
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
 
 
+# The third-party modules the build tools import, and what provides each: the pip requirement (the image's
+# FETCH_TOOLS pins) and, where Debian/Ubuntu package it, the system package. Anything else missing is a bug.
+THIRD_PARTY = {
+    "yaml": ("PyYAML==6.0.3", "python3-yaml"),
+    "huggingface_hub": ("huggingface_hub==2.4.0", None),
+    "httpx2": ("huggingface_hub==2.4.0", None),  # the HTTP client huggingface_hub 2.x ships with
+    "tqdm": ("tqdm", None),
+}
+
+
+def install_hint(exc: ModuleNotFoundError) -> str | None:
+    """One line saying which package a missing module comes from and how to install it for this interpreter;
+    None when the module is not a third-party dependency (then the import error is a bug and should surface)."""
+    top = (exc.name or "").split(".")[0]
+    if top not in THIRD_PARTY:
+        return None
+    requirement, system_package = THIRD_PARTY[top]
+    package = requirement.split("==")[0]
+    python = sys.executable
+    hint = f"{python} cannot import {top!r} (package {package}); install it: {python} -m pip install '{requirement}'"
+    if system_package and sys.prefix == sys.base_prefix == "/usr":  # the distribution's own python3
+        hint += f" or apt install {system_package}"
+    return hint
+
+
 class ConfigError(ValueError):
     """One or more environment variables hold values the tool cannot use (all of them are listed)."""
 

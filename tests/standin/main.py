@@ -26,6 +26,9 @@ import folder_paths  # noqa: E402
 import runtime  # noqa: E402
 
 STANDIN_DIR = os.path.dirname(os.path.realpath(__file__))
+# The one line that is not ComfyUI's: whoever reads the log must not take this for a GPU ComfyUI.
+IDENTITY = ("[standin] this is the stand-in ComfyUI (tests/standin), not ComfyUI: no torch, no GPU; model nodes "
+            "return synthetic results")
 
 
 def setup_logging(args) -> None:
@@ -174,6 +177,7 @@ def main(argv: list[str]) -> int:
     args = cli_args.parse(argv[1:])
     runtime.ARGS = args
     setup_logging(args)
+    print(IDENTITY, file=sys.stderr, flush=True)
     faults.apply_start_fault()
     faults.maybe_spawn_grandchild()
     apply_custom_paths(args)
