@@ -359,7 +359,7 @@ async def last_exec_ms(http: aiohttp.ClientSession, comfy: str) -> float:
 async def api_overheads(worker: Worker, repeats: int, size: int) -> list[float]:
     samples = []
     async with aiohttp.ClientSession() as http:
-        await wait_http(http, f"{worker.api}/health")
+        await wait_http(http, f"{worker.api}/ready")
         for i in range(repeats + 1):
             body = {"input": {"workflow": png_job_graph(5000 + i, size)}}
             t0 = time.perf_counter()
@@ -447,7 +447,7 @@ def runpod_sdk_floor(bench: BenchEnv, work: Path) -> list[float]:
 async def run_many(worker: Worker, count: int) -> float:
     """Submit ``count`` small jobs at once through /run; jobs per second until the last one completed."""
     async with aiohttp.ClientSession() as http:
-        await wait_http(http, f"{worker.api}/health")
+        await wait_http(http, f"{worker.api}/ready")
         t0 = time.perf_counter()
         ids = []
         for i in range(count):

@@ -55,12 +55,12 @@ def test_make_dev_then_the_documented_curl_returns_an_image(tmp_path: Path) -> N
         def healthy() -> bool:
             assert dev.poll() is None, (tmp_path / "make-dev.log").read_text()
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/ready", timeout=2) as resp:
                     return resp.status == 200
             except OSError:
                 return False
 
-        wait_for(healthy, 60, interval=0.1, what="make dev to serve /health")
+        wait_for(healthy, 60, interval=0.1, what="make dev to be ready (/ready)")
         work = tmp_path / "client"
         work.mkdir()
         (work / "examples").symlink_to(ROOT / "examples")
