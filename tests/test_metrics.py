@@ -172,14 +172,7 @@ def test_runpod_mode_serves_the_registry_on_metrics_port(tmp_path: Path) -> None
             assert val(samples, "comfyui_worker_queue_depth") == 0
             assert val(samples, "comfyui_worker_comfyui_ready", instance="0") == 1
         finally:
-            if worker.proc.poll() is None:
-                worker.signal(signal.SIGTERM)
-                try:
-                    worker.proc.wait(30)
-                except Exception:  # noqa: BLE001 - cleanup() kills it
-                    pass
-            worker.cleanup()
-            assert not tree_processes(env["TEST_TREE_ID"])
+            worker.shutdown()
 
 
 def test_runpod_mode_refuses_open_metrics_on_a_public_address(tmp_path: Path) -> None:

@@ -192,15 +192,5 @@ def _post(w: ApiWorker, path: str, body: Any) -> tuple[int, Any, bytes]:
 
 
 def _stop(worker: ApiWorker) -> None:
-    from tests.helpers.worker import tree_processes
-
-    if worker.proc is None:
-        return
-    if worker.proc.proc.poll() is None:
-        worker.proc.signal(signal.SIGTERM)
-        try:
-            worker.proc.wait(30)
-        except Exception:  # noqa: BLE001 - cleanup() kills it
-            pass
-    worker.proc.cleanup()
-    assert not tree_processes(worker.env["TEST_TREE_ID"])
+    if worker.proc is not None:
+        worker.proc.shutdown()

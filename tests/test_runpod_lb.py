@@ -7,7 +7,6 @@ honours one when set). The real worker process runs with the stand-in ComfyUI, w
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ import pytest
 from supervisor.config import load_settings
 from tests.helpers.api import Api, http_get
 from tests.helpers.standin import free_port
-from tests.helpers.worker import WorkerProcess, tree_processes, worker_env
+from tests.helpers.worker import WorkerProcess, worker_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,14 +47,7 @@ def lb_worker(tmp_path: Path, **env: Any) -> Iterator[WorkerProcess]:
     try:
         yield worker
     finally:
-        if worker.proc.poll() is None:
-            worker.signal(signal.SIGTERM)
-            try:
-                worker.proc.wait(30)
-            except Exception:  # noqa: BLE001 - cleanup() kills it
-                pass
-        worker.cleanup()
-        assert not tree_processes(full["TEST_TREE_ID"])
+        worker.shutdown()
 
 
 def pings(url: str, worker: WorkerProcess, timeout: float = 30) -> list[int]:
