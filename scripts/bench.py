@@ -50,6 +50,7 @@ TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "ready_detect_ms": ("<= 60 ms", lambda v: v <= 60),
     "crash_detect_ms": ("<= 100 ms", lambda v: v <= 100),
     "restart_overhead_s": ("<= 0.5 s", lambda v: v <= 0.5),
+    "metrics_overhead_ratio": ("<= 1.05", lambda v: v <= 1.05),
     "fetch_hash_overhead_pct.link_200MiBs": ("<= 5 %", lambda v: v <= 5),
     "fetch_hash_overhead_pct.loopback_unthrottled": ("<= 5 %", lambda v: v <= 5),
 }
@@ -356,19 +357,25 @@ async def last_exec_ms(http: aiohttp.ClientSession, comfy: str) -> float:
     return comfy_exec_ms(entry)
 
 
+async def api_job_overhead(http: aiohttp.ClientSession, worker: Worker, seed: int, size: int) -> float:
+    """One /runsync job returning one size x size PNG: its latency minus ComfyUI's own execution, in ms."""
+    body = {"input": {"workflow": png_job_graph(seed, size)}}
+    t0 = time.perf_counter()
+    async with http.post(f"{worker.api}/runsync", json=body) as r:
+        answer = await r.json()
+    latency = (time.perf_counter() - t0) * 1000
+    assert answer.get("status") == "COMPLETED" and answer["output"]["images"], answer
+    return latency - await last_exec_ms(http, worker.comfy)
+
+
 async def api_overheads(worker: Worker, repeats: int, size: int) -> list[float]:
     samples = []
     async with aiohttp.ClientSession() as http:
-        await wait_http(http, f"{worker.api}/health")
+        await wait_http(http, f"{worker.api}/ready")
         for i in range(repeats + 1):
-            body = {"input": {"workflow": png_job_graph(5000 + i, size)}}
-            t0 = time.perf_counter()
-            async with http.post(f"{worker.api}/runsync", json=body) as r:
-                answer = await r.json()
-            latency = (time.perf_counter() - t0) * 1000
-            assert answer.get("status") == "COMPLETED" and answer["output"]["images"], answer
+            overhead = await api_job_overhead(http, worker, 5000 + i, size)
             if i:  # the first job warms the object_info cache and the connections
-                samples.append(latency - await last_exec_ms(http, worker.comfy))
+                samples.append(overhead)
     return samples
 
 
@@ -380,6 +387,78 @@ def api_overhead_and_rss(bench: BenchEnv, work: Path) -> tuple[list[float], list
         return samples, [worker.rss_mb()]
     finally:
         worker.stop()
+
+
+async def overheads_with_and_without_metrics(on: Worker, off: Worker, repeats: int) -> dict[str, list[float]]:
+    """The same job alternately on a worker recording metrics (scraped every second) and on one that does not."""
+    samples: dict[str, list[float]] = {"on": [], "off": []}
+    async with aiohttp.ClientSession() as http:
+        for worker in (on, off):
+            await wait_http(http, f"{worker.api}/ready")
+
+        async def scrape() -> None:
+            while True:
+                async with http.get(f"{on.api}/metrics") as r:
+                    assert r.status == 200 and b"comfyui_worker_jobs_total" in await r.read()
+                await asyncio.sleep(1.0)
+
+        scraper = asyncio.create_task(scrape())
+        try:
+            for i in range(repeats + 1):
+                for name, worker in (("on", on), ("off", off))[:: 1 if i % 2 else -1]:  # alternate who goes first
+                    overhead = await api_job_overhead(http, worker, 7000 + i, 1024)
+                    if i:  # the first job of each warms its caches and connections
+                        samples[name].append(overhead)
+        finally:
+            scraper.cancel()
+    return samples
+
+
+def metrics_overhead(bench: BenchEnv, work: Path) -> dict[str, list[float]]:
+    """Job overhead through the API with METRICS_ENABLED=true (scraped) and =false, two workers side by side.
+
+    The jobs alternate between the two (who goes first alternates too), so drift hits both; on a shared machine one
+    job's overhead still varies by a third, so the figure needs hundreds of jobs a side: several rounds, each on a
+    fresh pair of workers (a pair's own placement on the cores does not then weigh on the whole), samples pooled.
+    """
+    pooled: dict[str, list[float]] = {"on": [], "off": []}
+    for r in range(bench.repeats(8, 1)):
+        workers = {name: Worker(worker_environ(bench, work / f"metrics-{r}-{name}", WORKER_MODE="http",
+                                               API_PORT=free_port(), METRICS_ENABLED=str(name == "on").lower(),
+                                               METRICS_PUBLIC="true"),
+                                work / f"metrics-{r}-{name}.log") for name in ("on", "off")}
+        try:
+            got = asyncio.run(overheads_with_and_without_metrics(workers["on"], workers["off"], bench.repeats(50, 8)))
+        finally:
+            for worker in workers.values():
+                worker.stop()
+        for name, samples in got.items():
+            pooled[name] += samples
+    return pooled
+
+
+def metrics_record_us(bench: BenchEnv) -> list[float]:
+    """What recording one job's metrics costs in-process (count, five phases, bytes), in microseconds."""
+    from supervisor.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.front_door("api")
+
+    def one_job() -> None:
+        for phase in ("queue", "inputs", "comfyui", "outputs"):
+            metrics.phase(phase, 0.01)
+        metrics.inputs_received(1000)
+        metrics.outputs_returned(1000)
+        metrics.job_finished("api", "COMPLETED", 0.05)
+
+    runs, jobs = bench.repeats(20, 5), 1000
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(jobs):
+            one_job()
+        samples.append((time.perf_counter() - t0) / jobs * 1e6)
+    return samples
 
 
 def runpod_overheads(bench: BenchEnv, work: Path) -> list[float]:
@@ -447,7 +526,7 @@ def runpod_sdk_floor(bench: BenchEnv, work: Path) -> list[float]:
 async def run_many(worker: Worker, count: int) -> float:
     """Submit ``count`` small jobs at once through /run; jobs per second until the last one completed."""
     async with aiohttp.ClientSession() as http:
-        await wait_http(http, f"{worker.api}/health")
+        await wait_http(http, f"{worker.api}/ready")
         t0 = time.perf_counter()
         ids = []
         for i in range(count):
@@ -562,13 +641,19 @@ def measure(bench: BenchEnv) -> dict[str, Any]:
         timings = supervisor_timings(bench, work, statistics.median(alone))
         clients = overheads(bench, work)
         api, rss = api_overhead_and_rss(bench, work)
+        with_metrics = metrics_overhead(bench, work)
+        recording = metrics_record_us(bench)
         runpod = runpod_overheads(bench, work)
         sdk_floor = runpod_sdk_floor(bench, work)
         rates = throughput(bench, work)
         fetch = fetch_hash_overhead(bench, work)
     ours = statistics.median(api)
+    metrics_ratio = statistics.median(with_metrics["on"]) / statistics.median(with_metrics["off"])
     result: dict[str, Any] = {
         "overhead_ms": {"api": summary(api), "runpod": summary(runpod)},
+        "metrics_overhead_ms": {k: summary(v) for k, v in with_metrics.items()},
+        "metrics_overhead_ratio": round(metrics_ratio, 3),
+        "metrics_record_us": summary(recording),
         "runpod_sdk_floor_ms": summary(sdk_floor),
         **{k: summary(v) for k, v in clients.items()},
         "polling_ratio": round(statistics.median(clients["polling_overhead_ms"]) / max(ours, 0.001), 1),
@@ -582,7 +667,8 @@ def measure(bench: BenchEnv) -> dict[str, Any]:
 
 
 REQUIRED_KEYS = (
-    "overhead_ms.api", "overhead_ms.runpod", "runpod_sdk_floor_ms", "floor_overhead_ms", "polling_overhead_ms",
+    "overhead_ms.api", "overhead_ms.runpod", "metrics_overhead_ms.on", "metrics_overhead_ms.off",
+    "metrics_overhead_ratio", "metrics_record_us", "runpod_sdk_floor_ms", "floor_overhead_ms", "polling_overhead_ms",
     "polling_ratio", "ready_detect_ms", "crash_detect_ms", "restart_overhead_s", "comfyui_start_alone_s",
     "throughput_jobs_s.concurrency_1", "throughput_jobs_s.concurrency_2", "worker_rss_mb",
     "fetch_hash_overhead_pct.loopback_unthrottled", "fetch_hash_overhead_pct.link_200MiBs",

@@ -27,7 +27,8 @@ BOOL_ACCEPTED = "1/0/true/false/yes/no (any case)"
 
 RESPONSE_FORMATS = ("worker-comfyui", "mime", "results", "base64-list")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
-WORKER_MODES = ("http", "runpod")
+WORKER_MODES = ("http", "runpod", "runpod-lb")
+RUNSYNC_ENVELOPES = ("runpod", "output")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 MB = 1024 * 1024
@@ -123,6 +124,9 @@ class _Reader:
 
     def port(self, name: str, default: int) -> int:
         return self.integer(name, default, 1, 65535)
+
+    def optional_port(self, name: str) -> int | None:
+        return self.convert(name, None, lambda s: _bounded(int(s), 1, 65535), _range_text("an integer", 1, 65535))
 
 
 def _bounded(value: float, lo: float | None, hi: float | None) -> Any:
@@ -231,6 +235,14 @@ class Settings:
     max_queue: int = 100
     job_retention_s: float = 3600.0
     endpoint_id: str | None = None
+    runsync_envelope: str = "runpod"
+    health_port: int | None = None  # runpod-lb: PORT_HEALTH when it differs from the API's port
+
+    # --- probes, metrics, build record -----------------------------------------------------------------
+    metrics_enabled: bool = True
+    metrics_public: bool = False
+    metrics_port: int | None = None
+    build_record_file: Path = Path("/opt/worker/build-record.json")
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -264,6 +276,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     data_dir = r.path("DATA_DIR", Path("data"))
     assert data_dir is not None
     mode_default = "runpod" if r.raw("RUNPOD_WEBHOOK_GET_JOB") else "http"
+    worker_mode = r.choice("WORKER_MODE", mode_default, WORKER_MODES)
+    api_host, api_port, health_port = _listen_addresses(r, worker_mode)
 
     s = Settings(
         comfyui_dir=comfyui_dir.resolve(),
@@ -313,13 +327,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bucket_prefix=r.string("BUCKET_PREFIX", "").strip("/"),
         bucket_region=r.string("BUCKET_REGION", "us-east-1"),
         bucket_url_expiry_s=r.integer("BUCKET_URL_EXPIRY_S", 7 * 24 * 3600, lo=1, hi=7 * 24 * 3600),
-        worker_mode=r.choice("WORKER_MODE", mode_default, WORKER_MODES),
+        worker_mode=worker_mode,
         response_format=r.choice("RESPONSE_FORMAT", "worker-comfyui", RESPONSE_FORMATS),
         max_concurrency=r.integer("MAX_CONCURRENCY", 1, lo=1, hi=64),
         ready_wait_s=r.number("READY_WAIT_S", 600.0, lo=0),
         refresh_worker=r.boolean("REFRESH_WORKER", False),
-        api_host=r.string("API_HOST", "127.0.0.1"),
-        api_port=r.port("API_PORT", 8000),
+        api_host=api_host,
+        api_port=api_port,
         api_key=r.secret("API_KEY"),
         allow_unauthenticated=r.boolean("ALLOW_UNAUTHENTICATED", False),
         runsync_wait_s=r.number("RUNSYNC_WAIT_S", 90.0, lo=0),
@@ -327,6 +341,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_queue=r.integer("MAX_QUEUE", 100, lo=1),
         job_retention_s=r.number("JOB_RETENTION_S", 3600.0, lo=0),
         endpoint_id=r.raw("RUNPOD_ENDPOINT_ID"),
+        runsync_envelope=r.choice("RUNSYNC_ENVELOPE", "runpod", RUNSYNC_ENVELOPES),
+        health_port=health_port,
+        metrics_enabled=r.boolean("METRICS_ENABLED", True),
+        metrics_public=r.boolean("METRICS_PUBLIC", False),
+        metrics_port=r.optional_port("METRICS_PORT"),
+        build_record_file=r.path("BUILD_RECORD_FILE", Settings.build_record_file) or Settings.build_record_file,
         log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
         child_env={k: v for k, v in r.env.items() if k not in WORKER_SECRETS},
     )
@@ -335,9 +355,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"RESTART_BACKOFF_MAX_S={s.restart_backoff_max_s} is smaller than RESTART_BACKOFF_S="
             f"{s.restart_backoff_s}; accepted: a cap >= the first delay"
         )
-    if s.worker_mode == "http" and s.api_port == s.comfyui_port:
+    if s.worker_mode != "runpod" and s.api_port == s.comfyui_port:
+        api_var = "API_PORT" if s.worker_mode == "http" else "PORT"
         r.problems.append(
-            f"API_PORT={s.api_port} and COMFYUI_PORT={s.comfyui_port} are the same port; accepted: two different "
+            f"{api_var}={s.api_port} and COMFYUI_PORT={s.comfyui_port} are the same port; accepted: two different "
             "ports (the API and ComfyUI each listen on their own)"
         )
     if bool(s.bucket_access_key_id) != bool(s.bucket_secret_access_key) or (
@@ -350,6 +371,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if r.problems:
         raise ConfigError(r.problems)
     return s
+
+
+def _listen_addresses(r: _Reader, worker_mode: str) -> tuple[str, int, int | None]:
+    """(API host, API port, separate health port or None).
+
+    ``runpod-lb``: RunPod's load balancer sends requests to ``PORT`` (default 80) and probes ``/ping`` on
+    ``PORT_HEALTH`` (default ``PORT``); those win over ``API_PORT``, and the API listens on every address
+    unless ``API_HOST`` says otherwise (the platform's gateway is the only way in).
+    """
+    if worker_mode != "runpod-lb":
+        return r.string("API_HOST", "127.0.0.1"), r.port("API_PORT", 8000), None
+    port = r.port("PORT", 80)
+    health = r.port("PORT_HEALTH", port)
+    return r.string("API_HOST", "0.0.0.0"), port, (health if health != port else None)
 
 
 def _allowlist_list(text: str) -> tuple[str, ...]:

@@ -73,3 +73,19 @@ def test_lists_and_arguments() -> None:
     assert s.url_input_allowlist == ("images.example.com", "10.1.0.0/16", "127.0.0.1/32")
     with pytest.raises(ConfigError, match="URL_INPUT_ALLOWLIST"):
         load_settings({"URL_INPUT_ALLOWLIST": "http://x.com/path"})
+
+
+def test_probe_metrics_and_envelope_settings() -> None:
+    s = load_settings({})
+    assert (s.metrics_enabled, s.metrics_public, s.metrics_port, s.runsync_envelope) == (True, False, None, "runpod")
+    assert s.build_record_file == Path("/opt/worker/build-record.json")
+    s = load_settings({"METRICS_ENABLED": "no", "METRICS_PUBLIC": "yes", "METRICS_PORT": "9100",
+                       "RUNSYNC_ENVELOPE": "Output", "BUILD_RECORD_FILE": "/srv/record.json"})
+    assert (s.metrics_enabled, s.metrics_public, s.metrics_port, s.runsync_envelope) == (False, True, 9100, "output")
+    assert s.build_record_file == Path("/srv/record.json")
+    with pytest.raises(ConfigError) as info:
+        load_settings({"METRICS_PORT": "0", "RUNSYNC_ENVELOPE": "bare", "PORT": "x", "WORKER_MODE": "runpod-lb"})
+    text = str(info.value)
+    assert "METRICS_PORT='0' is not valid; accepted: an integer from 1 to 65535" in text
+    assert "RUNSYNC_ENVELOPE='bare' is not valid; accepted: one of runpod, output" in text
+    assert "PORT='x' is not valid; accepted: an integer from 1 to 65535" in text

@@ -92,10 +92,11 @@ def test_sigterm_finishes_the_running_job_keeps_the_queue_and_exits_0(tmp_path: 
     queued = worker.api.ok("POST", "/run", with_steps(2))["id"]
     assert worker.proc is not None
     worker.proc.signal(signal.SIGTERM)
-    # while it drains: no new jobs, and the health check says so
+    # while it drains: no new jobs, and the readiness probe says so (it is still alive: /health stays 200)
     status, body = worker.api.post("/run", with_steps(2))
     assert status == 503 and "shutting down" in body["error"], (status, body)
-    assert worker.api.get("/health")[0] == 503
+    assert worker.api.get("/ready")[0] == 503
+    assert worker.api.get("/health")[0] == 200
     assert stop(worker) == 0
     log = worker.log_text()
     assert f"job {running} COMPLETED" in log and "1 queued job(s) kept in the journal for the next start" in log

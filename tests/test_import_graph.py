@@ -1,9 +1,9 @@
 """The package's import graph: no cycle, and the parts only depend downwards.
 
 Every import counts: at module level, inside functions and under ``TYPE_CHECKING``, absolute or relative. The
-layers follow the architecture (docs/architecture.md): the base modules (config, errors, logs) <- ``comfy`` (the
-ComfyUI client and vocabulary both parts share) <- ``supervision`` and ``jobs`` (neither knows the other) <-
-``api`` (the front doors) <- ``main``.
+layers follow the architecture (docs/architecture.md): the base modules (config, errors, logs; metrics and
+build_record, standard library and prometheus-client only) <- ``comfy`` (the ComfyUI client and vocabulary both
+parts share) <- ``supervision`` and ``jobs`` (neither knows the other) <- ``api`` (the front doors) <- ``main``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "errors": set(),
     "logs": set(),
+    "metrics": set(),
+    "build_record": set(),
     "comfy": {"config", "errors"},
-    "supervision": {"config", "errors", "logs", "comfy"},
-    "jobs": {"config", "errors", "comfy"},
-    "api": {"config", "errors", "comfy", "jobs"},
-    "main": {"config", "errors", "logs", "comfy", "supervision", "jobs", "api"},
+    "supervision": {"config", "errors", "logs", "comfy", "metrics"},
+    "jobs": {"config", "errors", "comfy", "metrics"},
+    "api": {"config", "errors", "comfy", "jobs", "metrics", "build_record"},
+    "main": {"config", "errors", "logs", "comfy", "supervision", "jobs", "api", "metrics"},
     "__main__": {"main"},
     "__init__": set(),
 }

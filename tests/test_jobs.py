@@ -12,7 +12,6 @@ import copy
 import hashlib
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 import aiohttp

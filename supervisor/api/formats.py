@@ -115,3 +115,19 @@ def failure(err: JobError, fmt: str) -> Outcome:
     if fmt == "results":
         return Outcome(COMPLETED, output={"status": "timeout" if timed_out else "error", "message": text})
     return Outcome(TIMED_OUT if timed_out else FAILED, error=text)
+
+
+def unwrapped(body: dict[str, Any]) -> Any:
+    """A ``/runsync`` job body without RunPod's envelope (``RUNSYNC_ENVELOPE=output``, ``?envelope=output``).
+
+    A finished job answers what its handler returned, as the whole body: the ``output`` when COMPLETED (for the
+    ``results`` format that is ``{"status": "completed" | "error" | "timeout", ...}``, seed 000), else
+    ``{"error": message}``, as a RunPod handler returns a failure. A job still queued or running keeps the
+    envelope (``{"id", "status"}``), so the client can poll ``/status``.
+    """
+    status = body.get("status")
+    if status == COMPLETED:
+        return body.get("output")
+    if status in (FAILED, TIMED_OUT, CANCELLED):
+        return {"error": body.get("error") or f"the job ended {status}"}
+    return body

@@ -10,6 +10,8 @@ from aiohttp import web
 from supervisor.api.job_service import JobService
 from supervisor.config import Settings
 
+RETRY_AFTER_S = 5  # what a 429 or 503 tells the client to wait before trying again (Retry-After)
+
 SERVICE: web.AppKey[JobService] = web.AppKey("service", JobService)
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 
@@ -21,7 +23,9 @@ def public(handler: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def error_response(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+    """``{"error": message}``; a 429 or 503 also says when to retry (``Retry-After``), as HTTP intends."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
 
 def not_found(request: web.Request, job_id: str) -> web.Response:

@@ -31,8 +31,13 @@ def is_loopback(host: str) -> bool:
 
 
 def auth_refusal(settings: Settings) -> str | None:
-    """Why the API must not start as configured, or None."""
+    """Why the API must not start as configured, or None.
+
+    ``runpod-lb`` is the one exception: RunPod's gateway authenticates every caller before it reaches the worker.
+    """
     if settings.api_key or settings.allow_unauthenticated or is_loopback(settings.api_host):
+        return None
+    if settings.worker_mode == "runpod-lb":
         return None
     return (
         f"refusing to serve the API on {settings.api_host}:{settings.api_port} without authentication: set API_KEY "

@@ -1,7 +1,8 @@
-"""The routes of RunPod's endpoint contract: /run, /runsync, /status, /cancel, /stream, /purge-queue, /health.
+"""The routes of RunPod's endpoint contract: /run, /runsync, /status, /cancel, /stream, /purge-queue.
 
 Every route is also served under ``/v2/{endpoint_id}/``, so a RunPod client works by changing only the host.
 A job body is RunPod's (see :func:`supervisor.api.job_service.job_body`); ``docs/api.md`` is the reference.
+``/health`` and the other probes are :mod:`supervisor.api.probes`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
+from supervisor.api.formats import unwrapped
 from supervisor.api.http_base import (
     SERVICE,
     error_response,
     not_found,
-    public,
 )
 from supervisor.api.job_service import Job, QueueFull, ShuttingDown
+from supervisor.config import RUNSYNC_ENVELOPES
 
 MAX_RUNSYNC_WAIT_S = 300.0
 
@@ -70,11 +72,16 @@ async def handle_runsync(request: web.Request) -> web.Response:
             wait_s = min(max(int(request.query["wait"]) / 1000, 0.0), MAX_RUNSYNC_WAIT_S)
         except ValueError:
             return error_response(400, "'wait' must be a number of milliseconds")
+    envelope = request.query.get("envelope", service.settings.runsync_envelope).strip().lower()
+    if envelope not in RUNSYNC_ENVELOPES:
+        return error_response(400, f"'envelope' must be one of {', '.join(RUNSYNC_ENVELOPES)}, not {envelope!r}")
     job = await _submit(request, prefix="sync-")
     if isinstance(job, web.Response):
         return job
     await service.wait(job.id, wait_s)
     body = await service.body(job.id)
+    if envelope == "output" and body is not None:
+        body = unwrapped(body)
     return web.json_response(body)
 
 
@@ -107,12 +114,6 @@ async def handle_purge(request: web.Request) -> web.Response:
     return web.json_response({"removed": removed, "status": "completed"})
 
 
-@public
-async def handle_health(request: web.Request) -> web.Response:
-    status, body = await request.app[SERVICE].health()
-    return web.json_response(body, status=status)
-
-
 async def handle_workflows(request: web.Request) -> web.Response:
     library = request.app[SERVICE].library
     return web.json_response({"workflows": [library.workflows[n].summary() for n in library.names()],
@@ -129,5 +130,4 @@ def add_runpod_routes(app: web.Application) -> None:
         app.router.add_route("GET", f"{prefix}/stream/{{job_id}}", handle_stream)
         app.router.add_route("POST", f"{prefix}/stream/{{job_id}}", handle_stream)
         app.router.add_post(f"{prefix}/purge-queue", handle_purge)
-        app.router.add_get(f"{prefix}/health", handle_health)
         app.router.add_get(f"{prefix}/workflows", handle_workflows)

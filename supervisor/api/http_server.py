@@ -5,8 +5,10 @@ Routes (also under ``/v2/{endpoint_id}/``, so a RunPod URL works by changing onl
 * ``POST /run`` -> ``{"id", "status": "IN_QUEUE"}``; ``POST /runsync`` waits up to ``RUNSYNC_WAIT_S`` (or
   ``?wait=<ms>``) and answers the finished job, or its id and current status;
 * ``GET|POST /status/{id}``, ``POST /cancel/{id}``, ``GET|POST /stream/{id}``, ``POST /purge-queue``;
-* ``GET /health`` (no auth): RunPod's ``jobs``/``workers`` counts plus ``comfyui`` (the supervisor's status),
-  503 while ComfyUI is not serving;
+* the probes (no auth, :mod:`supervisor.api.probes`): ``GET /health`` (liveness: RunPod's ``jobs``/``workers``
+  counts plus ``comfyui``, the supervisor's status; 503 only when it failed), ``GET /ready`` (readiness) and
+  ``GET /ping`` (RunPod's load balancer: 204 initializing, 200 healthy);
+* ``GET /metrics`` (Prometheus, :mod:`supervisor.api.metrics_routes`) and ``GET /info`` (:mod:`supervisor.api.info`);
 * ``GET /workflows``: the named workflows and their parameters;
 * the ComfyUI Deploy facade (seed 004), see :mod:`supervisor.api.deploy`.
 
@@ -19,7 +21,10 @@ or ``error`` (see :mod:`supervisor.api.formats`). Jobs are journaled (:mod:`supe
 SIGTERM: no new jobs (503), the queue is kept for the next start, running jobs get ``SHUTDOWN_GRACE_S`` to
 finish; any still running then is FAILED saying so.
 
-Reference for clients: ``docs/api.md``.
+``WORKER_MODE=runpod-lb`` serves the same API to RunPod's load balancer: on ``PORT``, with the probes also on
+``PORT_HEALTH`` when that differs (see :mod:`supervisor.config`).
+
+Reference for clients: ``docs/api.md``; for operators: ``docs/operations.md``.
 """
 
 from __future__ import annotations
@@ -35,12 +40,16 @@ from supervisor.api.deploy import add_deploy_routes
 from supervisor.api.http_base import SERVICE, SETTINGS
 from supervisor.api.http_middleware import auth_middleware, errors_middleware
 from supervisor.api.http_routes import add_runpod_routes
+from supervisor.api.info import add_info_route
 from supervisor.api.job_service import JobService
 from supervisor.api.journal import Journal
+from supervisor.api.metrics_routes import add_metrics_route
+from supervisor.api.probes import add_probe_routes, build_probe_app
 from supervisor.api.workflows import WorkflowLibrary
 from supervisor.comfy.status import State
 from supervisor.config import Settings
 from supervisor.jobs.engine import JobEngine
+from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.api")
 
@@ -54,11 +63,14 @@ def build_app(service: JobService, settings: Settings) -> web.Application:
     app[SERVICE] = service
     app[SETTINGS] = settings
     add_runpod_routes(app)
+    add_probe_routes(app)
+    add_metrics_route(app, service.metrics, settings)
+    add_info_route(app)
     add_deploy_routes(app, service, settings)
     return app
 
 
-async def serve(settings: Settings, supervisor: Any) -> int:
+async def serve(settings: Settings, supervisor: Any, metrics: WorkerMetrics | None = None) -> int:
     """Run the API until SIGTERM/SIGINT (exit 0 after draining) or until the supervisor fails (exit 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -66,18 +78,23 @@ async def serve(settings: Settings, supervisor: Any) -> int:
         loop.add_signal_handler(sig, stop.set)
     journal = await Journal.open(settings.data_dir / "jobs.sqlite3")
     library = WorkflowLibrary.load(settings.workflows_dir)
-    engine = JobEngine(settings, supervisor)
-    service = JobService(settings, supervisor, engine, journal, library)
+    engine = JobEngine(settings, supervisor, metrics)
+    service = JobService(settings, supervisor, engine, journal, library, metrics)
     app = build_app(service, settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.api_host, settings.api_port)
+    probes = web.AppRunner(build_probe_app(service, settings), access_log=None, handle_signals=False)
+    await probes.setup()
     try:
-        await site.start()
+        await web.TCPSite(runner, settings.api_host, settings.api_port).start()
+        if settings.health_port is not None:
+            await web.TCPSite(probes, settings.api_host, settings.health_port).start()
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s (API_HOST, API_PORT)", settings.api_host, settings.api_port,
-                  exc.strerror or exc)
+        ports = "PORT, PORT_HEALTH" if settings.worker_mode == "runpod-lb" else "API_PORT"
+        log.error("cannot listen on %s:%d%s: %s (API_HOST, %s)", settings.api_host, settings.api_port,
+                  f" and {settings.health_port}" if settings.health_port else "", exc.strerror or exc, ports)
         await runner.cleanup()
+        await probes.cleanup()
         await journal.close()
         await asyncio.to_thread(supervisor.stop)
         return EXIT_FAILED
@@ -86,6 +103,8 @@ async def serve(settings: Settings, supervisor: Any) -> int:
     log.info("API listening on http://%s:%d (auth: %s; %d named workflow(s); concurrency %d)", shown,
              settings.api_port, "bearer token" if settings.api_key else "none", len(library.workflows),
              settings.max_concurrency)
+    if settings.health_port is not None:
+        log.info("probes (/ping, /health, /ready) also on http://%s:%d (PORT_HEALTH)", shown, settings.health_port)
     finished = asyncio.ensure_future(asyncio.to_thread(supervisor.wait_finished))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({finished, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -101,6 +120,7 @@ async def serve(settings: Settings, supervisor: Any) -> int:
     stopping.cancel()
     await service.shutdown(grace)
     await runner.cleanup()
+    await probes.cleanup()
     await engine.close()
     await journal.close()
     await asyncio.to_thread(supervisor.stop)

@@ -44,6 +44,7 @@ from supervisor.api.workflows import WorkflowLibrary, prepare_input
 from supervisor.comfy.status import State
 from supervisor.config import Settings
 from supervisor.errors import InternalError, JobError
+from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.api")
 
@@ -106,7 +107,7 @@ class JobService:
     """The queue, the runners, the journal and the webhooks behind the API."""
 
     def __init__(self, settings: Settings, supervisor: Any, engine: Any, journal: Journal,
-                 library: WorkflowLibrary) -> None:
+                 library: WorkflowLibrary, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
         self.supervisor = supervisor
         self.engine = engine
@@ -123,6 +124,10 @@ class JobService:
         self._purger: asyncio.Task[None] | None = None
         self._webhooks = WebhookSender(settings.url_input_allowlist)
         self._started_at = time.time()
+        self.metrics = metrics or WorkerMetrics.disabled()
+        for door in ("api", "deploy"):
+            self.metrics.front_door(door)
+        self.metrics.track_jobs(lambda: len(self.queue), self.running)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -265,10 +270,26 @@ class JobService:
             body["error"] = rec.error
         return body
 
+    def running(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.record.status == IN_PROGRESS)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether this worker should be sent jobs now, and if not, why (the readiness probe's answer)."""
+        status = self.supervisor.status()
+        if not status.state.serving:
+            first = (status.message or "").splitlines()[0] if status.message else ""
+            return False, f"ComfyUI is {status.state.value}" + (f": {first}" if first else "")
+        if not self.accepting:
+            return False, "the worker is shutting down (draining its running jobs) and takes no new jobs"
+        if len(self.queue) >= self.settings.max_queue:
+            return False, f"the queue is full ({len(self.queue)} jobs waiting, MAX_QUEUE={self.settings.max_queue})"
+        return True, f"ComfyUI is {status.state.value}"
+
     async def health(self) -> tuple[int, dict[str, Any]]:
+        """Liveness: 200 with the counts unless the supervisor has failed (the worker is about to exit)."""
         status = self.supervisor.status()
         counts = await self.journal.counts()
-        running = sum(1 for j in self.jobs.values() if j.record.status == IN_PROGRESS)
+        running = self.running()
         serving = status.state.serving and self.accepting
         slots = self.settings.max_concurrency
         body = {
@@ -281,7 +302,7 @@ class JobService:
                         "unhealthy": slots if status.state is State.FAILED else 0},
             "comfyui": status.to_dict(),
         }
-        return (200 if serving else 503), body
+        return (503 if status.state is State.FAILED else 200), body
 
     # --- running jobs ----------------------------------------------------------------------------------
 
@@ -303,6 +324,7 @@ class JobService:
                 log.exception("runner %d: job %s could not be run or recorded", n, job.id)
                 job.record.status, job.record.error = FAILED, "internal error of the worker (see its log)"
                 job.record.finished_at = time.time()
+                self._count(job.record)
                 job.done.set()
 
     async def _wait_serving(self) -> bool:
@@ -323,6 +345,7 @@ class JobService:
             await self._finish(job, Outcome(CANCELLED))
             return
         rec.status, rec.started_at = IN_PROGRESS, time.time()
+        self.metrics.phase("queue", rec.started_at - rec.created_at)
         job.task = asyncio.create_task(self._execute(job), name=f"job-{rec.id}")
         await self.journal.started(rec.id, rec.started_at)
         log.info("job %s started (waited %.2f s in the queue)", rec.id, rec.started_at - rec.created_at)
@@ -373,6 +396,7 @@ class JobService:
         rec.error = outcome.error
         rec.input = None
         await self.journal.finished(rec)
+        self._count(rec)
         took = rec.finished_at - (rec.started_at or rec.finished_at)
         if outcome.status == COMPLETED:
             log.info("job %s %s in %.2f s", rec.id, outcome.status, took)
@@ -383,6 +407,10 @@ class JobService:
             self._spawn(self._send_webhook(rec))
         rec.output = None  # kept in the journal, not in memory
         job.done.set()
+
+    def _count(self, rec: JobRecord) -> None:
+        door = "deploy" if rec.kind == "deploy" else "api"
+        self.metrics.job_finished(door, rec.status, (rec.finished_at or time.time()) - rec.created_at)
 
     # --- webhooks and retention ------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@
 * SIGTERM/SIGINT are the SDK's: it stops taking jobs, lets the running ones finish and post, and returns.
 * A ``failed`` supervisor (crash loop) ends the worker with exit 1: the handler stops the SDK's loop the way
   a SIGTERM does, jobs in flight fail with ComfyUI's error, and the platform replaces the worker.
+* Metrics: each job is counted (``front_door="runpod"``), its wait for ComfyUI is its ``queue`` phase; with
+  ``METRICS_PORT`` set the registry is served there (:mod:`supervisor.api.metrics_routes`).
 
 The SDK reads its own environment (``RUNPOD_WEBHOOK_*``, ``RUNPOD_POD_ID``...) when it is imported; that is
 the platform's contract with it, not a setting of this worker.
@@ -35,6 +37,7 @@ from supervisor.api.workflows import WorkflowLibrary, prepare_input
 from supervisor.comfy.status import State, Status
 from supervisor.config import Settings
 from supervisor.errors import ComfyUnavailableError, InternalError, JobError
+from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.runpod")
 
@@ -47,15 +50,19 @@ SDK_LOG_LEVELS = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARN", "ERROR": 
 class RunPodHandler:
     """The handler the SDK calls for each job; one per worker."""
 
-    def __init__(self, settings: Settings, supervisor: Any, library: WorkflowLibrary) -> None:
+    def __init__(self, settings: Settings, supervisor: Any, library: WorkflowLibrary,
+                 metrics: WorkerMetrics | None = None) -> None:
         from supervisor.jobs.engine import JobEngine
 
         self.settings = settings
         self.supervisor = supervisor
         self.library = library
-        self.engine = JobEngine(settings, supervisor)
+        self.metrics = metrics or WorkerMetrics.disabled()
+        self.engine = JobEngine(settings, supervisor, self.metrics)
         self.failed = threading.Event()
         self.running = 0
+        self.metrics.front_door("runpod")
+        self.metrics.track_jobs(lambda: 0, lambda: self.running)  # the platform holds the queue
 
     async def handle(self, job: dict[str, Any]) -> Any:
         job_id = str(job.get("id", "?"))
@@ -68,9 +75,11 @@ class RunPodHandler:
         except asyncio.CancelledError:
             log.info("job %s stopped by RunPod after %.2f s; ComfyUI was interrupted", job_id,
                      time.monotonic() - started)
+            self.metrics.job_finished("runpod", "CANCELLED", time.monotonic() - started)
             raise
         finally:
             self.running -= 1
+        self.metrics.job_finished("runpod", outcome.status, time.monotonic() - started)
         value = outcome.handler_return()
         try:
             json.dumps(value)
@@ -88,7 +97,9 @@ class RunPodHandler:
 
     async def _run(self, job: dict[str, Any], job_id: str, raw: Any, fmt: str) -> Outcome:
         try:
+            waited = time.monotonic()
             await self._wait_ready()
+            self.metrics.phase("queue", time.monotonic() - waited)
             request = prepare_input(raw, self.library)
             result = await self.engine.run_job(job_id, request, lambda event: self._progress(job, event))
             return success(result, result.response_format or fmt)
@@ -142,7 +153,7 @@ def _request_stop() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def serve_runpod(settings: Settings, supervisor: Any) -> int:
+def serve_runpod(settings: Settings, supervisor: Any, metrics: WorkerMetrics | None = None) -> int:
     """Run the SDK's worker loop until it ends; the exit code for main()."""
     failed_early = threading.Event()
 
@@ -152,7 +163,11 @@ def serve_runpod(settings: Settings, supervisor: Any) -> int:
 
     signal.signal(signal.SIGTERM, early_signal)
     library = WorkflowLibrary.load(settings.workflows_dir)
-    handler = RunPodHandler(settings, supervisor, library)
+    handler = RunPodHandler(settings, supervisor, library, metrics)
+    if metrics is not None:
+        from supervisor.api.metrics_routes import start_metrics_server
+
+        start_metrics_server(settings, metrics)
 
     def listener(status: Status) -> None:
         if status.state is State.FAILED:

@@ -105,6 +105,13 @@ class ComfyClient:
             return body[prompt_id]
         return None
 
+    async def system_stats(self, timeout_s: float = 2.0) -> dict[str, Any]:
+        """``/system_stats``: ``system`` (``comfyui_version``, ``python_version``...) and ``devices``."""
+        status, body = await self._request("GET", "/system_stats", timeout=aiohttp.ClientTimeout(total=timeout_s))
+        if status != 200 or not isinstance(body, dict):
+            raise self.unreachable(f"GET /system_stats answered {status}")
+        return body
+
     async def queue(self) -> dict[str, list[Any]]:
         _status, body = await self._request("GET", "/queue")
         return body if isinstance(body, dict) else {}

@@ -64,6 +64,7 @@ from supervisor.jobs.outputs import JobOutput
 from supervisor.jobs.preflight import NodeCatalog, PreflightReport, preflight
 from supervisor.jobs.request import JobRequest, parse_request
 from supervisor.jobs.storage import BucketStorage
+from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.jobs")
 
@@ -73,9 +74,10 @@ REQUEUES = 1  # a job whose ComfyUI died before the job started is queued again 
 class JobEngine:
     """Runs jobs on the supervised ComfyUI. One per worker; safe for concurrent ``run_job`` calls."""
 
-    def __init__(self, settings: Settings, comfy: ComfyHandle) -> None:
+    def __init__(self, settings: Settings, comfy: ComfyHandle, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
         self.comfy = comfy
+        self.metrics = metrics or WorkerMetrics.disabled()
         self.dirs: ComfyDirs = comfy_dirs(settings)
         self._session: aiohttp.ClientSession | None = None
         self._client: ComfyClient | None = None
@@ -153,6 +155,8 @@ class JobEngine:
             job.stage = "collecting the outputs"
             outputs = await collect_outputs(job, self.client, self.dirs, self._storage, self.settings.max_output_bytes)
             timings["outputs_s"] = time.monotonic() - mark
+            self.metrics.phase("outputs", timings["outputs_s"])
+            self.metrics.outputs_returned(sum(o.size for o in outputs))
         finally:
             await shielded(self._cleaner.cleanup(job))
         timings["total_s"] = time.monotonic() - started
@@ -167,6 +171,8 @@ class JobEngine:
             async with timeout:
                 resolved = await resolve_inputs(job.request, self.settings, self.fetcher)
                 timings["inputs_s"] = time.monotonic() - started
+                self.metrics.phase("inputs", timings["inputs_s"])
+                self.metrics.inputs_received(resolved.total_bytes)
                 await self._attempts(job, resolved, progress, timings, deadline)
         except TimeoutError:
             if not timeout.expired():
@@ -196,6 +202,7 @@ class JobEngine:
                 mark = time.monotonic()
                 await run.execute(graph, progress, self._catalog)
                 timings["comfy_s"] = time.monotonic() - mark
+                self.metrics.phase("comfyui", timings["comfy_s"])
                 return
             except ComfyUnavailableError as err:
                 if attempt == REQUEUES or not job.never_started():

@@ -51,11 +51,18 @@ class PortProblem:
 
 
 def ports_of(settings: Settings) -> list[PortUse]:
-    """What the worker listens on: ComfyUI's port on each ``--listen`` address, and the API's in ``http`` mode."""
+    """What the worker listens on: ComfyUI's port on each ``--listen`` address; the API's in ``http`` mode
+    (``PORT`` and ``PORT_HEALTH`` in ``runpod-lb`` mode); ``METRICS_PORT`` in RunPod queue mode."""
     hosts = [h.strip() for h in settings.comfyui_host.split(",") if h.strip()] or ["127.0.0.1"]
     uses = [PortUse("COMFYUI_PORT", host, settings.comfyui_port) for host in hosts]
     if settings.worker_mode == "http":
         uses.append(PortUse("API_PORT", settings.api_host, settings.api_port))
+    elif settings.worker_mode == "runpod-lb":
+        uses.append(PortUse("PORT", settings.api_host, settings.api_port))
+        if settings.health_port is not None:
+            uses.append(PortUse("PORT_HEALTH", settings.api_host, settings.health_port))
+    elif settings.metrics_port is not None and settings.metrics_enabled:
+        uses.append(PortUse("METRICS_PORT", settings.api_host, settings.metrics_port))
     return uses
 
 

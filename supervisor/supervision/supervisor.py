@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 
 from supervisor.config import Settings
+from supervisor.metrics import WorkerMetrics
 from supervisor.supervision.model_paths import write_extra_model_paths
 from supervisor.supervision.process import ComfyProcess, ExitStatus, LogRing
 from supervisor.comfy.status import CrashInfo, State, Status
@@ -49,8 +50,9 @@ IMPORT_FAILURE_MARKERS = ("IMPORT FAILED", "Cannot import ")
 class ComfySupervisor:
     """Starts, health-checks, restarts and stops ComfyUI. Every public method is safe from any thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or WorkerMetrics.disabled()
         self._lock = threading.Lock()
         self._state = State.STARTING
         self._generation = 0
@@ -195,6 +197,7 @@ class ComfySupervisor:
         if old is not state:
             level = logging.ERROR if state is State.FAILED else logging.INFO
             log.log(level, "ComfyUI %s -> %s: %s", old.value, state.value, message)
+            self.metrics.comfyui_serving(state.serving)
         self._write_state_file(status)
         for listener in list(self._listeners):  # before the waiters: whoever wakes up sees listeners up to date
             try:
@@ -311,6 +314,7 @@ class ComfySupervisor:
             generation = self._generation
             if generation > 1:
                 self._restarts += 1
+                self.metrics.comfyui_restarted(restart_reason(self._last_exit))
             self._import_failures = []
             self._missing = ()
         try:
@@ -442,6 +446,9 @@ class ComfySupervisor:
         with self._lock:
             self._missing = missing
             failures = list(self._import_failures)
+            spawned = self._spawned_at
+        if spawned is not None:
+            self.metrics.comfyui_started(time.monotonic() - spawned)
         if missing or warmup_error:
             parts = []
             if missing:
@@ -460,7 +467,7 @@ class ComfySupervisor:
             try:
                 async with self._http.get(url, timeout=probe_timeout) as resp:
                     if resp.status == 200:
-                        await resp.read()
+                        self._record_devices(await resp.read())
                         return
             except (aiohttp.ClientError, TimeoutError):
                 pass
@@ -499,13 +506,24 @@ class ComfySupervisor:
             await asyncio.sleep(s.health_interval_s)
             try:
                 async with self._http.get(url, timeout=probe_timeout) as resp:
-                    await resp.read()
+                    body = await resp.read()
                     ok = resp.status == 200
+                if ok:
+                    self._record_devices(body)
             except (aiohttp.ClientError, TimeoutError):
                 ok = False
             failures = 0 if ok else failures + 1
             if not ok:
                 log.warning("ComfyUI health probe failed (%d of %d)", failures, s.health_failures)
+
+    def _record_devices(self, body: bytes) -> None:
+        """GPU memory for the metrics, from the /system_stats answer the probe already has (no extra request)."""
+        try:
+            devices = json.loads(body).get("devices")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(devices, list):
+            self.metrics.devices(d for d in devices if isinstance(d, dict))
 
     def _on_line(self, stream: str, line: str) -> None:
         self._ring.append(line)
@@ -522,6 +540,22 @@ class ComfySupervisor:
             await asyncio.wait_for(self._stop_event.wait(), delay)  # type: ignore[union-attr]
         except TimeoutError:
             pass
+
+
+def restart_reason(last_exit: CrashInfo | None) -> str:
+    """The ``reason`` label of a restart: why the previous process ended, from a small fixed set."""
+    reason = last_exit.reason if last_exit is not None else ""
+    if reason == "killed as hung":
+        return "hung"
+    if reason == "exited during start-up":
+        return "exited_starting"
+    if reason.startswith("did not become ready"):
+        return "start_timeout"
+    if reason.startswith("readiness check failed"):
+        return "readiness_failed"
+    if reason.startswith("could not be started"):
+        return "spawn_failed"
+    return "exited"
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], value: Any) -> None:

@@ -106,6 +106,16 @@ def png_of(b64: str) -> Image.Image:
     return img
 
 
+def http_get(url: str, headers: Mapping[str, str] | None = None, timeout: float = 10) -> tuple[int, Any, bytes]:
+    """GET ``url``: status, response headers and raw body, whatever the status (probes and /metrics need all three)."""
+    req = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
 class Api:
     """A tiny synchronous HTTP client (urllib): JSON in, (status, JSON or bytes) out."""
 
@@ -183,12 +193,12 @@ class ApiWorker:
             if self.proc.proc.poll() is not None:
                 raise AssertionError(f"worker exited {self.proc.proc.returncode}:\n{self.proc.log_text()[-3000:]}")
             try:
-                status, _ = self.api.get("/health", timeout=2)
+                status, _ = self.api.get("/ready", timeout=2)
             except OSError:
                 return False
             return status == 200
 
-        wait_for(ready, timeout, interval=0.05, what="the API to answer /health with 200")
+        wait_for(ready, timeout, interval=0.05, what="the API to answer /ready with 200")
 
     def log_text(self) -> str:
         return self.proc.log_text() if self.proc else ""

@@ -39,7 +39,7 @@ def make_dev_env(tmp_path: Path) -> dict[str, str]:
 @contextmanager
 def make_dev(tmp_path: Path, *make_args: str, log_name: str = "make-dev.log",
              env: dict[str, str] | None = None) -> Iterator[MakeDev]:
-    """``make dev DEV_DATA=<tmp_path>/dev *make_args`` until /health answers; stopped with SIGTERM at the end, and
+    """``make dev DEV_DATA=<tmp_path>/dev *make_args`` until /ready answers; stopped with SIGTERM at the end, and
     its whole tree checked for leftovers. ``-o .venv/.installed``: never reinstalls the virtual environment."""
     env = env or make_dev_env(tmp_path)
     log_path = tmp_path / log_name
@@ -48,23 +48,23 @@ def make_dev(tmp_path: Path, *make_args: str, log_name: str = "make-dev.log",
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         running = MakeDev(api_url=f"http://127.0.0.1:{env['API_PORT']}", log_path=log_path)
         try:
-            wait_for_health(dev, running.api_url, log_path, 60, "make dev")
+            wait_for_ready(dev, running.api_url, log_path, 60, "make dev")
             yield running
         finally:
             _stop(dev, env["TEST_TREE_ID"])
 
 
-def wait_for_health(proc: subprocess.Popen[bytes], api_url: str, log_path: Path, timeout: float, what: str) -> None:
-    """Until ``GET api_url/health`` answers 200; fails at once, with ``what``'s log, when ``proc`` ends first."""
+def wait_for_ready(proc: subprocess.Popen[bytes], api_url: str, log_path: Path, timeout: float, what: str) -> None:
+    """Until ``GET api_url/ready`` answers 200 (ready to take a job); fails at once, with ``what``'s log, when ``proc`` ends first."""
     def healthy() -> bool:
         assert proc.poll() is None, f"{what} ended:\n{log_path.read_text(errors='replace')[-3000:]}"
         try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
+            with urllib.request.urlopen(f"{api_url}/ready", timeout=2) as resp:
                 return resp.status == 200
         except OSError:
             return False
 
-    wait_for(healthy, timeout, interval=0.1, what=f"{what} to serve {api_url}/health")
+    wait_for(healthy, timeout, interval=0.1, what=f"{what} to serve {api_url}/ready")
 
 
 def _stop(dev: subprocess.Popen[bytes], tree_id: str) -> None:

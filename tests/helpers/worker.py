@@ -140,6 +140,20 @@ class WorkerProcess:
         finally:
             self._log.close()
 
+    def shutdown(self, timeout: float = 30) -> None:
+        """SIGTERM and wait (as a platform stops it), then ``cleanup``; fails if a process of its tree survived."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass  # cleanup() kills it
+        self.cleanup()
+        leftovers = tree_processes(self.env["TEST_TREE_ID"])
+        for proc in leftovers:
+            proc.kill()
+        assert not leftovers, f"processes survived the worker: {leftovers}"
+
     def cleanup(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.helpers.make_dev import wait_for_health
+from tests.helpers.make_dev import wait_for_ready
 from tests.helpers.readme import run_quickstart
 from tests.helpers.standin import free_port
 from tests.image.imagekit import ROOT, ImageUnderTest, run_build, wait_for
@@ -85,7 +85,7 @@ def test_make_run_cpu_serves_the_readmes_quick_start(cpu_image: ImageUnderTest, 
                                 f"CPU_PORT={port}", f"CPU_CONTAINER={name}"], env=make_env(), stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_health(run, f"http://127.0.0.1:{port}", log_path, 120, "`make run-cpu`")
+        wait_for_ready(run, f"http://127.0.0.1:{port}", log_path, 120, "`make run-cpu`")
         out = tmp_path / "quickstart"
         quick = run_quickstart(f"http://127.0.0.1:{port}", out)
         assert quick.returncode == 0, quick.stdout + quick.stderr
