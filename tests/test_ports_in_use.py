@@ -111,3 +111,26 @@ def test_free_ports_pass_and_the_worker_starts(tmp_path: Path) -> None:
         worker.wait_state("ready")
     finally:
         worker.cleanup()
+
+
+@pytest.mark.parametrize("variable", ["PORT", "PORT_HEALTH"])
+def test_runpod_lb_mode_checks_port_and_port_health(tmp_path: Path, other_server: subprocess.Popen[bytes],
+                                                    variable: str) -> None:
+    port = other_server.port  # type: ignore[attr-defined]
+    ports = {"PORT": str(free_port()), "PORT_HEALTH": str(free_port()), variable: str(port)}
+    env = worker_env(tmp_path, WORKER_MODE="runpod-lb", API_HOST="127.0.0.1", **ports)
+    assert_refused(start_worker(env), port, variable, other_server.pid, tmp_path / "data")
+
+
+def test_runpod_mode_checks_metrics_port(tmp_path: Path, other_server: subprocess.Popen[bytes]) -> None:
+    port = other_server.port  # type: ignore[attr-defined]
+    env = worker_env(tmp_path, WORKER_MODE="runpod", METRICS_PORT=str(port))
+    assert_refused(start_worker(env), port, "METRICS_PORT", other_server.pid, tmp_path / "data")
+
+
+def test_runpod_lb_port_equal_to_comfyuis_is_a_configuration_error(tmp_path: Path) -> None:
+    port = free_port()
+    run = start_worker(worker_env(tmp_path, WORKER_MODE="runpod-lb", API_HOST="127.0.0.1", PORT=str(port),
+                                  COMFYUI_PORT=str(port)))
+    assert run.returncode == 2
+    assert f"PORT={port} and COMFYUI_PORT={port} are the same port" in run.stderr, run.stderr
