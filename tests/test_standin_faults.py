@@ -66,9 +66,10 @@ def test_start_delay(tmp_path: Path) -> None:
 def test_start_fault_exit(tmp_path: Path, spec: str, code: int) -> None:
     sd = start_standin(tmp_path, env={"STANDIN_START_FAULT": spec}, wait=False)
     assert sd.proc.wait(timeout=10) == code
-    log = sd.log_text()
-    assert log.startswith("Traceback (most recent call last):") and "Error" in log.splitlines()[-1]
-    assert "serving since" not in log
+    identity, rest = sd.log_text().split("\n", 1)
+    assert identity.startswith("[standin] this is the stand-in ComfyUI")
+    assert rest.startswith("Traceback (most recent call last):") and "Error" in rest.splitlines()[-1]
+    assert "serving since" not in rest
 
 
 def test_start_fault_kill(tmp_path: Path) -> None:
