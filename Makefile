@@ -37,6 +37,14 @@ chaos: venv ## Chaos soak through the self-hosted API: 500 jobs while ComfyUI is
 
 .PHONY: help venv test dev bench chaos
 
+# ------------------------------------------------------------------------------------------------ the real ComfyUI
+# ComfyUI 0.3.64 and the pinned node packs from ../shared/upstream/, in a CPU venv cached under
+# ~/.cache/comfyui-worker/real-comfyui/<key> (REAL_COMFYUI_CACHE, REAL_COMFYUI_UPSTREAM; docs/benchmarks.md).
+real-comfyui: venv ## Prepare the real ComfyUI for test-real and bench (cached; ~3 min and ~3 GB the first time)
+	$(PY) scripts/real_comfyui.py
+
+.PHONY: real-comfyui
+
 # ------------------------------------------------------------------------------------------------ the image
 # `make build` bakes ComfyUI, the pinned custom nodes (custom_nodes.txt) and the verified models (models.yaml)
 # into a CUDA image; docs/image.md explains every variable. BuildKit is required (RUN --mount); where the
