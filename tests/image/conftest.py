@@ -32,6 +32,7 @@ from tests.image.imagekit import (
     make_build_args,
     run_build,
     stage_context,
+    unavailable,
 )
 
 BUILD_TIMEOUT_S = 1200
@@ -39,16 +40,9 @@ PRIVATE_REPO = "acme/private-models"
 PUBLIC_REPO = "acme/public-models"
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(why: str) -> None:
-    """No engine: a skip with the way to get one, but a failure under CI, where the engine must be there."""
-    how = "start one with: docker/ci/engine.sh install && docker/ci/engine.sh start (root, Debian 12)"
-    if in_ci():
-        pytest.fail(f"image tests cannot run under CI: {why}; {how}", pytrace=False)
-    pytest.skip(f"image tests need a Docker engine: {why}; {how}")
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_image: the image built with the real ComfyUI, its node packs and torch "
+                                       "(GBs; `make test-real-image` runs only these)")
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +63,7 @@ def report(pytestconfig: pytest.Config) -> Callable[[str], None]:
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Any]:
     if not Path(DOCKER_CLI).exists():
-        unavailable(f"no {DOCKER_CLI} (the engine's own client, whose BuildKit handles RUN --mount)")
+        unavailable(f"no Docker engine: no {DOCKER_CLI} (the engine's own client, whose BuildKit handles RUN --mount)")
     import docker
 
     try:
