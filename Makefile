@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	@echo ">> creating/updating the virtual environment in $(VENV)"
@@ -100,6 +100,10 @@ run: ## Run the image self-hosted: --gpus all, API on HOST_ADDR:PORT, env from E
 
 test-image: venv ## Build the image's test variant (no GPU, no torch, stand-in ComfyUI) and check it (needs an engine)
 	@echo ">> image tests: a test build of $(DOCKERFILE) with /usr/bin/docker + BuildKit, then run and inspect it (tests/image)"
-	$(PY) -m pytest tests/image $(PYTEST_ARGS)
+	$(PY) -m pytest tests/image -m "not real_image" $(PYTEST_ARGS)
 
-.PHONY: build push run test-image
+test-real-image: venv real-comfyui ## Build the image with the real ComfyUI, node packs and torch, run jobs on the CPU (~6 min cold)
+	@echo ">> real image test: $(DOCKERFILE) with ComfyUI and packs from ../shared/upstream, torch from PyPI, tiny models (tests/image -m real_image)"
+	$(PY) -m pytest tests/image -m real_image $(PYTEST_ARGS)
+
+.PHONY: build push run test-image test-real-image
