@@ -67,6 +67,7 @@ pytestmark = [pytest.mark.real_image, pytest.mark.timeout(3600)]  # the build ha
 BUILD_TIMEOUT_S = 3000
 READY_TIMEOUT_S = 300
 JOB_TIMEOUT_S = 300
+REAL_CORE_NODE_CLASSES = 400  # ComfyUI 0.3.64 registers 515 on the CPU; the stand-in far fewer
 HOW = "the real image test reads ../shared/upstream/ and needs `make real-comfyui` (docs/image.md)"
 
 
@@ -167,6 +168,14 @@ def test_real_build_has_the_pinned_torch_comfyui_and_packs(engine: Any, real_ima
     # import check started the real ComfyUI, which loaded every pack and registered its node classes.
     log = real_image.build.log
     assert "install_nodes: import check: starting ComfyUI (/object_info)" in log, log[-3000:]
+    # The server that answered the check is the real one: its /system_stats gives ComfyUI 0.3.64 with the pinned
+    # torch (the stand-in claims another torch), and /object_info lists ComfyUI's ~500 core node classes.
+    answered = re.search(r"install_nodes: import check: answered by ComfyUI (\S+), torch (\S+), (\d+) node classes",
+                         log)
+    assert answered, log[-3000:]
+    torch_pin = TORCH_PACKAGES.split()[0].split("==")[1]
+    assert answered[1] == "0.3.64" and answered[2].split("+")[0] == torch_pin, answered[0]
+    assert int(answered[3]) >= REAL_CORE_NODE_CLASSES, answered[0]
     for name in upstream.pins:
         assert re.search(rf"install_nodes: imports: .*\b{re.escape(name)} \([1-9]\d* node classes\)", log), log[-3000:]
 
