@@ -28,9 +28,10 @@ from tests.image.imagekit import (
     Hub,
     ImageUnderTest,
     Worker,
-    healthcheck_fast,
     make_build_args,
+    remove_images,
     run_build,
+    running_worker,
     stage_context,
     unavailable,
 )
@@ -170,29 +171,11 @@ def image(engine: Any, base_image: str, hub: Hub, pack: GitPackServer, tmp_path_
     under_test = ImageUnderTest(ref=f"{IMAGE}:{tag}", context=context, build=build, make_cmd=cmd,
                                 token_file=token_file, workdir=work)
     yield under_test
-    for ref in (under_test.ref, f"{IMAGE}:{tag}-rebuild"):
-        try:
-            engine.images.remove(ref, noprune=False)
-        except Exception:  # noqa: BLE001 - already gone, or still used by a container being removed
-            pass
+    remove_images(engine, under_test.ref, f"{IMAGE}:{tag}-rebuild")
 
 
 @pytest.fixture(scope="session")
 def worker(engine: Any, image: ImageUnderTest, report: Callable[[str], None]) -> Iterator[Worker]:
     """The image running as users run it self-hosted (API on port 8000, API_KEY set), on the stand-in."""
-    api_key = secrets.token_urlsafe(24)
-    container = engine.containers.run(
-        image.ref, detach=True, name=f"imagetest-worker-{uuid.uuid4().hex[:8]}",
-        environment={"WORKER_MODE": "http", "API_KEY": api_key, "REQUIRED_NODES": PACK_CLASS,
-                     "COMFYUI_ARGS": "--cpu", "LOG_LEVEL": "INFO"},
-        ports={"8000/tcp": ("127.0.0.1", None)}, healthcheck=healthcheck_fast(image.ref, engine))
-    try:
-        container.reload()
-        port = container.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"]
-        report(f"worker container {container.name} on 127.0.0.1:{port}")
-        yield Worker(container=container, api_key=api_key, api_url=f"http://127.0.0.1:{port}")
-    finally:
-        try:
-            container.stop(timeout=20)
-        finally:
-            container.remove(force=True)
+    with running_worker(engine, image.ref, "imagetest-worker", {"REQUIRED_NODES": PACK_CLASS}, report) as running:
+        yield running

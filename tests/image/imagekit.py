@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
+import secrets
 import http.server
 import json
 import os
@@ -23,7 +25,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -430,6 +433,38 @@ def healthcheck_fast(image_ref: str, engine: Any) -> dict[str, Any]:
     test = engine.images.get(image_ref).attrs["Config"]["Healthcheck"]["Test"]
     return {"test": test, "interval": HEALTH_INTERVAL_NS, "timeout": 10_000_000_000, "retries": 2,
             "start_period": 1_000_000}
+
+
+@contextlib.contextmanager
+def running_worker(engine: Any, image_ref: str, name: str, environment: dict[str, str],
+                   report: Callable[[str], None]) -> Iterator[Worker]:
+    """The image run as users run it self-hosted: the API on a loopback port, a fresh API_KEY, the image's own
+    healthcheck probed fast; stopped (SIGTERM, the worker drains) and removed afterwards."""
+    api_key = secrets.token_urlsafe(24)
+    container = engine.containers.run(
+        image_ref, detach=True, name=f"{name}-{uuid.uuid4().hex[:8]}",
+        environment={"WORKER_MODE": "http", "API_KEY": api_key, "COMFYUI_ARGS": "--cpu", "LOG_LEVEL": "INFO",
+                     **environment},
+        ports={"8000/tcp": ("127.0.0.1", None)}, healthcheck=healthcheck_fast(image_ref, engine))
+    try:
+        container.reload()
+        port = container.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"]
+        report(f"{name} container {container.name} on 127.0.0.1:{port}")
+        yield Worker(container=container, api_key=api_key, api_url=f"http://127.0.0.1:{port}")
+    finally:
+        try:
+            container.stop(timeout=20)
+        finally:
+            container.remove(force=True)
+
+
+def remove_images(engine: Any, *refs: str) -> None:
+    """Remove the test's images (their layers stay in BuildKit's cache for the next run)."""
+    for ref in refs:
+        try:
+            engine.images.remove(ref, noprune=False)
+        except Exception:  # noqa: BLE001 - already gone, or still used by a container being removed
+            pass
 
 
 def health(container: Any) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import secrets
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,11 +40,12 @@ from tests.image.imagekit import (
     Worker,
     dump,
     health,
-    healthcheck_fast,
     images_in,
     make_build_args,
     post_json,
+    remove_images,
     run_build,
+    running_worker,
     shell,
     stage_context,
     unavailable,
@@ -122,31 +122,15 @@ def real_image(engine: Any, base_image: str, upstream: Upstream, real_hub: HubSe
     report(f"built {IMAGE}:{tag} in {build.seconds:.1f} s, {size / 1e9:.2f} GB")
     yield ImageUnderTest(ref=f"{IMAGE}:{tag}", context=context, build=build, make_cmd=cmd, token_file=Path(),
                          workdir=work)
-    try:
-        engine.images.remove(f"{IMAGE}:{tag}", noprune=False)
-    except Exception:  # noqa: BLE001 - still used by a container being removed
-        pass
+    remove_images(engine, f"{IMAGE}:{tag}")
 
 
 @pytest.fixture(scope="module")
 def real_worker(engine: Any, real_image: ImageUnderTest, report: Callable[[str], None]) -> Iterator[Worker]:
     """The real image run as users run it self-hosted, ComfyUI on the CPU."""
-    api_key = secrets.token_urlsafe(24)
-    container = engine.containers.run(
-        real_image.ref, detach=True, name=f"imagetest-real-{uuid.uuid4().hex[:8]}",
-        environment={"WORKER_MODE": "http", "API_KEY": api_key, "COMFYUI_ARGS": "--cpu",
-                     "REQUIRED_NODES": "IPAdapterAdvanced", "LOG_LEVEL": "INFO"},
-        ports={"8000/tcp": ("127.0.0.1", None)}, healthcheck=healthcheck_fast(real_image.ref, engine))
-    try:
-        container.reload()
-        port = container.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"]
-        report(f"real worker container {container.name} on 127.0.0.1:{port}")
-        yield Worker(container=container, api_key=api_key, api_url=f"http://127.0.0.1:{port}")
-    finally:
-        try:
-            container.stop(timeout=20)
-        finally:
-            container.remove(force=True)
+    with running_worker(engine, real_image.ref, "imagetest-real", {"REQUIRED_NODES": "IPAdapterAdvanced"},
+                        report) as running:
+        yield running
 
 
 # ------------------------------------------------------------------------------------------------ the build
