@@ -102,7 +102,7 @@ test-image: venv ## Build the image's test variant (no GPU, no torch, stand-in C
 	@echo ">> image tests: a test build of $(DOCKERFILE) with /usr/bin/docker + BuildKit, then run and inspect it (tests/image)"
 	$(PY) -m pytest tests/image -m "not real_image" $(PYTEST_ARGS)
 
-test-real-image: venv real-comfyui ## Build the image with the real ComfyUI, node packs and torch, run jobs on the CPU (~8 min cold, ~3 warm; not in make test)
+test-real-image: venv real-comfyui ## Build the image with the real ComfyUI, node packs and torch, run jobs on the CPU (4-8 min cold, ~3 warm; not in make test)
 	@echo ">> real image test: $(DOCKERFILE) with ComfyUI and packs from ../shared/upstream, torch from PyPI, tiny models (tests/image -m real_image)"
 	$(PY) -m pytest tests/image -m real_image $(PYTEST_ARGS)
 

@@ -47,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The real image test (~8 min and ~3 GB of torch on a new machine) does not fit CI's budget: it runs only when
+    """The real image test (3.5-8 min and ~3 GB of torch on a new machine) does not fit CI's budget: it runs only when
     the marker expression names it (`make test-real-image`), never as part of `make test` (docs/image.md)."""
     if "real_image" in (config.option.markexpr or ""):
         return

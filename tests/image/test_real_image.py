@@ -12,7 +12,7 @@ with ``COMFYUI_ARGS=--cpu``. The checks:
   flat colour); the checkpoint job a second time (its first files cleaned up) gives the same pixels, the
   IPAdapter one other pixels.
 
-Not part of `make test` or CI (about 8 minutes and 3 GB of torch on a new machine: over CI's budget; the image
+Not part of `make test` or CI (3.5 to 8 minutes and 3 GB of torch on a new machine: over CI's budget; the image
 tier's conftest deselects it unless ``-m`` names ``real_image``): `make test-real-image` runs it, after
 `make real-comfyui` (the models' generator needs its torch). docs/image.md has its time and size.
 """
