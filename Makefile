@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE ?= 1
 .DEFAULT_GOAL := help
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "venv: the worker needs Python 3.11+; $(PYTHON) is $$($(PYTHON) --version 2>&1 || echo missing): set PYTHON, e.g. make $(MAKECMDGOALS) PYTHON=python3.11" >&2; exit 1; }
@@ -50,6 +50,14 @@ chaos: venv ## Chaos soak through the self-hosted API: 500 jobs while ComfyUI is
 
 # Whether a yes/no variable says yes (1, true or yes).
 YES = $(filter 1 true yes TRUE YES True Yes,$(1))
+
+# ------------------------------------------------------------------------------------------------ the real ComfyUI
+# ComfyUI 0.3.64 and the pinned node packs from ../shared/upstream/, in a CPU venv cached under
+# ~/.cache/comfyui-worker/real-comfyui/<key> (REAL_COMFYUI_CACHE, REAL_COMFYUI_UPSTREAM; docs/benchmarks.md).
+real-comfyui: venv ## Prepare the real ComfyUI for test-real and bench (cached; ~3 min and ~3 GB the first time)
+	$(PY) scripts/real_comfyui.py
+
+.PHONY: real-comfyui
 
 # ------------------------------------------------------------------------------------------------ the image
 # `make build` bakes ComfyUI, the pinned custom nodes (custom_nodes.txt) and the verified models (models.yaml)
@@ -110,9 +118,13 @@ run: ## Run the image self-hosted: --gpus all, API on HOST_ADDR:PORT, env from E
 
 test-image: venv ## Build the image's test variant (no GPU, no torch, stand-in ComfyUI) and check it (needs an engine)
 	@echo ">> image tests: a test build of $(DOCKERFILE) with /usr/bin/docker + BuildKit, then run and inspect it (tests/image)"
-	$(PY) -m pytest tests/image $(PYTEST_ARGS)
+	$(PY) -m pytest tests/image -m "not real_image" $(PYTEST_ARGS)
 
-.PHONY: build push run test-image
+test-real-image: venv real-comfyui ## Build the image with the real ComfyUI, node packs and torch, run jobs on the CPU (4-8 min cold, ~3 warm; not in make test)
+	@echo ">> real image test: $(DOCKERFILE) with ComfyUI and packs from ../shared/upstream, torch from PyPI, tiny models (tests/image -m real_image)"
+	$(PY) -m pytest tests/image -m real_image $(PYTEST_ARGS)
+
+.PHONY: build push run test-image test-real-image
 
 # ------------------------------------------------------------------------------------------------ a CPU image
 # A small image of your own, without a GPU: docker/Dockerfile with no CUDA base, no torch, the stand-in

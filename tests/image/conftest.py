@@ -28,10 +28,12 @@ from tests.image.imagekit import (
     Hub,
     ImageUnderTest,
     Worker,
-    healthcheck_fast,
     make_build_args,
+    remove_images,
     run_build,
+    running_worker,
     stage_context,
+    unavailable,
 )
 
 BUILD_TIMEOUT_S = 1200
@@ -39,16 +41,20 @@ PRIVATE_REPO = "acme/private-models"
 PUBLIC_REPO = "acme/public-models"
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_image: the image built with the real ComfyUI, its node packs and torch "
+                                       "(GBs; only run when asked for: `make test-real-image`, -m real_image)")
 
 
-def unavailable(why: str) -> None:
-    """No engine: a skip with the way to get one, but a failure under CI, where the engine must be there."""
-    how = "start one with: docker/ci/engine.sh install && docker/ci/engine.sh start (root, Debian 12)"
-    if in_ci():
-        pytest.fail(f"image tests cannot run under CI: {why}; {how}", pytrace=False)
-    pytest.skip(f"image tests need a Docker engine: {why}; {how}")
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The real image test (3.5-8 min and ~3 GB of torch on a new machine) does not fit CI's budget: it runs only when
+    the marker expression names it (`make test-real-image`), never as part of `make test` (docs/image.md)."""
+    if "real_image" in (config.option.markexpr or ""):
+        return
+    real = [item for item in items if item.get_closest_marker("real_image")]
+    if real:
+        items[:] = [item for item in items if not item.get_closest_marker("real_image")]
+        config.hook.pytest_deselected(items=real)
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +75,7 @@ def report(pytestconfig: pytest.Config) -> Callable[[str], None]:
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Any]:
     if not Path(DOCKER_CLI).exists():
-        unavailable(f"no {DOCKER_CLI} (the engine's own client, whose BuildKit handles RUN --mount)")
+        unavailable(f"no Docker engine: no {DOCKER_CLI} (the engine's own client, whose BuildKit handles RUN --mount)")
     import docker
 
     try:
@@ -165,29 +171,11 @@ def image(engine: Any, base_image: str, hub: Hub, pack: GitPackServer, tmp_path_
     under_test = ImageUnderTest(ref=f"{IMAGE}:{tag}", context=context, build=build, make_cmd=cmd,
                                 token_file=token_file, workdir=work)
     yield under_test
-    for ref in (under_test.ref, f"{IMAGE}:{tag}-rebuild"):
-        try:
-            engine.images.remove(ref, noprune=False)
-        except Exception:  # noqa: BLE001 - already gone, or still used by a container being removed
-            pass
+    remove_images(engine, under_test.ref, f"{IMAGE}:{tag}-rebuild")
 
 
 @pytest.fixture(scope="session")
 def worker(engine: Any, image: ImageUnderTest, report: Callable[[str], None]) -> Iterator[Worker]:
     """The image running as users run it self-hosted (API on port 8000, API_KEY set), on the stand-in."""
-    api_key = secrets.token_urlsafe(24)
-    container = engine.containers.run(
-        image.ref, detach=True, name=f"imagetest-worker-{uuid.uuid4().hex[:8]}",
-        environment={"WORKER_MODE": "http", "API_KEY": api_key, "REQUIRED_NODES": PACK_CLASS,
-                     "COMFYUI_ARGS": "--cpu", "LOG_LEVEL": "INFO"},
-        ports={"8000/tcp": ("127.0.0.1", None)}, healthcheck=healthcheck_fast(image.ref, engine))
-    try:
-        container.reload()
-        port = container.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"]
-        report(f"worker container {container.name} on 127.0.0.1:{port}")
-        yield Worker(container=container, api_key=api_key, api_url=f"http://127.0.0.1:{port}")
-    finally:
-        try:
-            container.stop(timeout=20)
-        finally:
-            container.remove(force=True)
+    with running_worker(engine, image.ref, "imagetest-worker", {"REQUIRED_NODES": PACK_CLASS}, report) as running:
+        yield running

@@ -9,7 +9,11 @@ rebuild check can change a file without touching the working tree).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import functools
+import secrets
 import http.server
 import json
 import os
@@ -19,10 +23,15 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_CLI = "/usr/bin/docker"  # the engine's own 20.10 client: its built-in BuildKit handles RUN --mount
@@ -72,11 +81,30 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+ENGINE_HOW = "start one with: docker/ci/engine.sh install && docker/ci/engine.sh start (root, Debian 12)"
+
+
+def unavailable(why: str, how: str = ENGINE_HOW) -> None:
+    """What an image test needs is missing: a skip that says what and how to get it -- except under CI
+    (CI=true), where it must be there: a failure."""
+    if in_ci():
+        pytest.fail(f"image tests cannot run under CI: {why}; {how}", pytrace=False)
+    pytest.skip(f"image tests cannot run: {why}; {how}")
+
+
 # ------------------------------------------------------------------------------------------------ context
 
 
-def stage_context(dest: Path, models_yaml: str, custom_nodes_txt: str) -> Path:
-    """A copy of what the Dockerfile needs, laid out like the repository, with the test's two manifests."""
+def stage_context(dest: Path, models_yaml: str, custom_nodes_txt: str,
+                  extra_trees: dict[str, Path] | None = None) -> Path:
+    """A copy of what the Dockerfile needs, laid out like the repository, with the test's two manifests.
+
+    ``extra_trees`` (path in the context -> source folder) adds folders, e.g. a ComfyUI source for
+    COMFYUI_SOURCE=local, and allows them in the context's .dockerignore (an allow-list) as users must."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
     dest.mkdir(parents=True)
     for sub in ("docker", "supervisor", "scripts", "workflows", "tests/standin"):
@@ -86,6 +114,14 @@ def stage_context(dest: Path, models_yaml: str, custom_nodes_txt: str) -> Path:
         shutil.copy2(ROOT / name, dest / name)
     (dest / "models.yaml").write_text(models_yaml)
     (dest / "custom_nodes.txt").write_text(custom_nodes_txt)
+    if extra_trees:
+        for where, source in extra_trees.items():
+            shutil.copytree(source, dest / where, ignore=ignore, symlinks=True)
+        # allowed before the trailing exclusions (**/__pycache__/ ...), which must still apply to them
+        lines = (dest / ".dockerignore").read_text().splitlines()
+        at = next((i for i, line in enumerate(lines) if line.startswith("**/")), len(lines))
+        lines[at:at] = [f"!{where}/" for where in extra_trees]
+        (dest / ".dockerignore").write_text("\n".join(lines) + "\n")
     return dest
 
 
@@ -143,47 +179,38 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 class GitDaemon:
-    """A ComfyUI source repository (a copy of the stand-in) served by `git daemon` (git://) on 127.0.0.1: the
-    smart protocol, like GitHub's, which the Dockerfile's shallow fetch of a tag or a commit needs."""
-
-    TAG = "v0.0.1-imagetest"
+    """`git daemon` (git://) on 127.0.0.1 serving bare repositories: the smart protocol, like GitHub's, which a
+    shallow fetch of a tag or a commit needs (the Dockerfile's ComfyUI stage, the node installer)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.tagged = ""  # the commit the tag points to
+        self.serve = root / "serve"
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
+    def add(self, name: str, source: Path | str) -> GitDaemon:
+        """Serve a bare clone of ``source`` (a repository or a bundle) as ``<name>.git``."""
+        run(["git", "clone", "-q", "--bare", str(source), str(self.serve / f"{name}.git")])
+        return self
+
     def start(self) -> GitDaemon:
-        work, serve = self.root / "work", self.root / "serve"
-        shutil.copytree(ROOT / "tests" / "standin", work, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        env = {**os.environ, "GIT_AUTHOR_NAME": "image test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-               "GIT_COMMITTER_NAME": "image test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
-        run(["git", "init", "-q", "-b", "master", str(work)])
-        run(["git", "-C", str(work), "add", "-A"])
-        run(["git", "-C", str(work), "commit", "-q", "-m", "ComfyUI stand-in"], env=env)
-        run(["git", "-C", str(work), "tag", "-a", self.TAG, "-m", "a release"], env=env)
-        self.tagged = run(["git", "-C", str(work), "rev-parse", "HEAD"]).stdout.strip()
-        (work / "AFTER_THE_TAG.txt").write_text("not in the release\n")
-        run(["git", "-C", str(work), "add", "-A"])
-        run(["git", "-C", str(work), "commit", "-q", "-m", "after the release"], env=env)
-        run(["git", "clone", "-q", "--bare", str(work), str(serve / "ComfyUI.git")])
+        self.serve.mkdir(parents=True, exist_ok=True)  # repositories can be added before or after
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        self._proc = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={serve}",
-                                       "--listen=127.0.0.1", f"--port={self.port}", str(serve)],
+        self._proc = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={self.serve}",
+                                       "--listen=127.0.0.1", f"--port={self.port}", str(self.serve)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._listening, 10, f"git daemon on 127.0.0.1:{self.port}", interval=0.05)
         return self
 
     def _listening(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise AssertionError(f"git daemon exited with {self._proc.returncode} (serving {self.serve})")
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
-    @property
-    def url(self) -> str:
-        return f"git://127.0.0.1:{self.port}/ComfyUI.git"
+    def url(self, name: str) -> str:
+        return f"git://127.0.0.1:{self.port}/{name}.git"
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -194,6 +221,26 @@ class GitDaemon:
                 self._proc.kill()
                 self._proc.wait(timeout=5)
             self._proc = None
+
+
+STANDIN_RELEASE_TAG = "v0.0.1-imagetest"
+
+
+def standin_release_repo(work: Path) -> str:
+    """A git repository of the stand-in ComfyUI with a release tag and a commit after it; returns the tagged
+    commit (what a build of COMFYUI_REF=<the tag> must contain)."""
+    shutil.copytree(ROOT / "tests" / "standin", work, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "image test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+           "GIT_COMMITTER_NAME": "image test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+    run(["git", "init", "-q", "-b", "master", str(work)])
+    run(["git", "-C", str(work), "add", "-A"])
+    run(["git", "-C", str(work), "commit", "-q", "-m", "ComfyUI stand-in"], env=env)
+    run(["git", "-C", str(work), "tag", "-a", STANDIN_RELEASE_TAG, "-m", "a release"], env=env)
+    tagged = run(["git", "-C", str(work), "rev-parse", "HEAD"]).stdout.strip()
+    (work / "AFTER_THE_TAG.txt").write_text("not in the release\n")
+    run(["git", "-C", str(work), "add", "-A"])
+    run(["git", "-C", str(work), "commit", "-q", "-m", "after the release"], env=env)
+    return tagged
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -214,18 +261,21 @@ class Build:
         return "\n".join(self.log.splitlines()[-lines:])
 
 
+# The stand-in variant's build arguments: no torch, no extra system packages, the stand-in as ComfyUI.
+STANDIN_VARIANT = (
+    "--build-arg COMFYUI_SOURCE=local",
+    "--build-arg COMFYUI_LOCAL_DIR=tests/standin",
+    "--build-arg TORCH_PACKAGES=",
+    "--build-arg SYSTEM_PACKAGES=",
+    f"--build-arg 'COMFYUI_EXTRA_PACKAGES={STANDIN_PACKAGES}'",
+)
+
+
 def make_build_args(context: Path, tag: str, hub_endpoint: str, token_file: Path | None,
-                    extra_args: tuple[str, ...] = (), extra_flags: tuple[str, ...] = ()) -> list[str]:
-    """The `make build` command line of the test variant (the same target users run)."""
-    build_args = " ".join([
-        "--build-arg COMFYUI_SOURCE=local",
-        "--build-arg COMFYUI_LOCAL_DIR=tests/standin",
-        "--build-arg TORCH_PACKAGES=",
-        "--build-arg SYSTEM_PACKAGES=",
-        f"--build-arg 'COMFYUI_EXTRA_PACKAGES={STANDIN_PACKAGES}'",
-        f"--build-arg HF_ENDPOINT={hub_endpoint}",
-        *extra_args,
-    ])
+                    extra_args: tuple[str, ...] = (), extra_flags: tuple[str, ...] = (),
+                    variant: tuple[str, ...] = STANDIN_VARIANT) -> list[str]:
+    """The `make build` command line of a test variant (the same target users run)."""
+    build_args = " ".join([*variant, f"--build-arg HF_ENDPOINT={hub_endpoint}", *extra_args])
     secrets = [f"HF_TOKEN_FILE={token_file}"] if token_file else []
     return ["make", "--no-print-directory", "-C", str(ROOT), "build",
             f"DOCKER={DOCKER_CLI}", f"IMAGE={IMAGE}", f"TAG={tag}", f"BASE_IMAGE={BASE_TAG}",
@@ -306,6 +356,50 @@ def history_text(ref: str) -> str:
     return run([DOCKER_CLI, "history", "--no-trunc", "--format", "{{json .}}", ref]).stdout
 
 
+def shell(engine: Any, ref: str, script: str, **kw: Any) -> str:
+    """Run a shell script in a throw-away container of the image (its entrypoint replaced) and return stdout."""
+    out = engine.containers.run(ref, entrypoint=["/bin/sh", "-c", script], remove=True, stdout=True,
+                                stderr=True, **kw)
+    return out.decode()
+
+
+def images_in(obj: Any) -> list[bytes]:
+    """Every string in a response that decodes (plain base64 or a data URL) to a PNG, JPEG or WebP."""
+    found: list[bytes] = []
+    if isinstance(obj, dict):
+        for value in obj.values():
+            found += images_in(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            found += images_in(value)
+    elif isinstance(obj, str) and len(obj) > 64:
+        text = obj.split(",", 1)[1] if obj.startswith("data:") else obj
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return found
+        if data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or data[8:12] == b"WEBP":
+            found.append(data)
+    return found
+
+
+def post_json(url: str, body: dict[str, Any], key: str | None, timeout: float) -> tuple[int, Any]:
+    """POST a JSON body (with a bearer key when given); returns the status and the decoded answer."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw or b"null")
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+
+
 @dataclass
 class Hub:
     server: Any  # tests.hubserver.harness.HubServer
@@ -339,6 +433,38 @@ def healthcheck_fast(image_ref: str, engine: Any) -> dict[str, Any]:
     test = engine.images.get(image_ref).attrs["Config"]["Healthcheck"]["Test"]
     return {"test": test, "interval": HEALTH_INTERVAL_NS, "timeout": 10_000_000_000, "retries": 2,
             "start_period": 1_000_000}
+
+
+@contextlib.contextmanager
+def running_worker(engine: Any, image_ref: str, name: str, environment: dict[str, str],
+                   report: Callable[[str], None]) -> Iterator[Worker]:
+    """The image run as users run it self-hosted: the API on a loopback port, a fresh API_KEY, the image's own
+    healthcheck probed fast; stopped (SIGTERM, the worker drains) and removed afterwards."""
+    api_key = secrets.token_urlsafe(24)
+    container = engine.containers.run(
+        image_ref, detach=True, name=f"{name}-{uuid.uuid4().hex[:8]}",
+        environment={"WORKER_MODE": "http", "API_KEY": api_key, "COMFYUI_ARGS": "--cpu", "LOG_LEVEL": "INFO",
+                     **environment},
+        ports={"8000/tcp": ("127.0.0.1", None)}, healthcheck=healthcheck_fast(image_ref, engine))
+    try:
+        container.reload()
+        port = container.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"]
+        report(f"{name} container {container.name} on 127.0.0.1:{port}")
+        yield Worker(container=container, api_key=api_key, api_url=f"http://127.0.0.1:{port}")
+    finally:
+        try:
+            container.stop(timeout=20)
+        finally:
+            container.remove(force=True)
+
+
+def remove_images(engine: Any, *refs: str) -> None:
+    """Remove the test's images (their layers stay in BuildKit's cache for the next run)."""
+    for ref in refs:
+        try:
+            engine.images.remove(ref, noprune=False)
+        except Exception:  # noqa: BLE001 - already gone, or still used by a container being removed
+            pass
 
 
 def health(container: Any) -> dict[str, Any]:

@@ -15,8 +15,6 @@ One build per session (see conftest.py). The checks, in the order they run:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import secrets
 import shutil
@@ -33,6 +31,7 @@ from tests.image.imagekit import (
     IMAGE,
     PACK_CLASS,
     PACK_NAME,
+    STANDIN_RELEASE_TAG,
     GitDaemon,
     GitPackServer,
     Hub,
@@ -43,22 +42,19 @@ from tests.image.imagekit import (
     health,
     history_text,
     image_layers,
+    images_in,
     make_build_args,
+    post_json,
     run_build,
     scan_saved_image,
+    shell,
+    standin_release_repo,
     wait_for,
 )
 
 pytestmark = pytest.mark.timeout(1800)  # the session's build happens in the first test's set-up
 
 READY_TIMEOUT_S = 120
-
-
-def shell(engine: Any, ref: str, script: str, **kw: Any) -> str:
-    """Run a shell script in a throw-away container of the image (its entrypoint replaced) and return stdout."""
-    out = engine.containers.run(ref, entrypoint=["/bin/sh", "-c", script], remove=True, stdout=True,
-                                stderr=True, **kw)
-    return out.decode()
 
 
 # ------------------------------------------------------------------------------------------------ the build
@@ -113,12 +109,13 @@ def test_comfyui_from_git_is_the_pinned_ref(engine: Any, image: ImageUnderTest, 
                                            report: Callable[[str], None]) -> None:
     """The users' path (COMFYUI_SOURCE=git): a shallow fetch of COMFYUI_REF from COMFYUI_REPO, here a git daemon
     on loopback serving the stand-in with a release tag and a later commit. Only that stage is built."""
-    daemon = GitDaemon(tmp_path / "git").start()
+    tagged = standin_release_repo(tmp_path / "work")
+    daemon = GitDaemon(tmp_path / "git").add("ComfyUI", tmp_path / "work").start()
     try:
         tag = f"{image.ref.split(':')[1]}-git"
         cmd = make_build_args(image.context, tag, hub.server.endpoint, None,
-                              extra_args=(f"--build-arg COMFYUI_REPO={daemon.url}",
-                                          f"--build-arg COMFYUI_REF={GitDaemon.TAG}"),
+                              extra_args=(f"--build-arg COMFYUI_REPO={daemon.url('ComfyUI')}",
+                                          f"--build-arg COMFYUI_REF={STANDIN_RELEASE_TAG}"),
                               extra_flags=("--target comfyui-git",))
         build = run_build(cmd, tmp_path / "git-build.log", report, 600)
     finally:
@@ -129,7 +126,7 @@ def test_comfyui_from_git_is_the_pinned_ref(engine: Any, image: ImageUnderTest, 
     finally:
         engine.images.remove(f"{IMAGE}:{tag}")
     commit, *listing = out.split()
-    assert commit == daemon.tagged
+    assert commit == tagged
     assert "main.py" in listing and "AFTER_THE_TAG.txt" not in listing and ".git" not in listing, listing
 
 
@@ -206,42 +203,6 @@ def test_healthcheck_works_in_runpod_mode_without_an_http_api(engine: Any, image
         container.remove(force=True)
 
 
-def _images_in(obj: Any) -> list[bytes]:
-    """Every string in a response that decodes (plain base64 or a data URL) to a PNG, JPEG or WebP."""
-    found: list[bytes] = []
-    if isinstance(obj, dict):
-        for value in obj.values():
-            found += _images_in(value)
-    elif isinstance(obj, list):
-        for value in obj:
-            found += _images_in(value)
-    elif isinstance(obj, str) and len(obj) > 64:
-        text = obj.split(",", 1)[1] if obj.startswith("data:") else obj
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            return found
-        if data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or data[8:12] == b"WEBP":
-            found.append(data)
-    return found
-
-
-def _post(url: str, body: dict[str, Any], key: str | None, timeout: float) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw or b"null")
-        except ValueError:
-            return exc.code, raw.decode(errors="replace")
-
-
 def txt2img_workflow() -> dict[str, Any]:
     """A small txt2img graph on the baked checkpoint, through the git pack's node, to SaveImage."""
     return {
@@ -262,14 +223,14 @@ def txt2img_workflow() -> dict[str, Any]:
 def test_runsync_against_the_running_container_returns_an_image(worker: Worker, image: ImageUnderTest) -> None:
     wait_for(lambda: health(worker.container).get("Status") == "healthy", READY_TIMEOUT_S, "a healthy worker")
     body = {"input": {"workflow": txt2img_workflow()}}
-    status, _ = _post(f"{worker.api_url}/runsync", body, None, timeout=30)
+    status, _ = post_json(f"{worker.api_url}/runsync", body, None, timeout=30)
     assert status == 401, f"/runsync without the API key answered {status}"
-    status, response = _post(f"{worker.api_url}/runsync", body, worker.api_key, timeout=120)
+    status, response = post_json(f"{worker.api_url}/runsync", body, worker.api_key, timeout=120)
     logs = worker.container.logs(tail=40).decode(errors="replace")
     assert status == 200, f"/runsync answered {status}: {str(response)[:2000]}\n{logs}"
     assert isinstance(response, dict) and str(response.get("status", "")).upper() == "COMPLETED", \
         f"{str(response)[:2000]}\n{logs}"
-    images = _images_in(response.get("output"))
+    images = images_in(response.get("output"))
     assert images, f"no image in the /runsync output: {str(response)[:2000]}"
 
 

@@ -79,7 +79,7 @@ def test_run_uses_gpus_ports_an_env_file_and_a_data_volume() -> None:
 
 
 def test_every_image_target_says_what_it_does() -> None:
-    for target in ("build", "push REGISTRY=r", "run", "test-image"):
+    for target in ("build", "push REGISTRY=r", "run", "test-image", "test-real-image"):
         lines = make_n(*target.split())
         assert any(line.startswith("echo \">> ") for line in lines), (target, lines)
 

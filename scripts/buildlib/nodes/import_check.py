@@ -34,6 +34,7 @@ class ImportReport:
     loaded: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
     classes: dict[str, int] | None = None  # from /object_info; None in quick mode
+    server: str = ""  # which ComfyUI answered (versions, node class count); empty in quick mode
     log: str = ""
 
 
@@ -101,7 +102,8 @@ def check_imports(cfg: NodesConfig, python: str) -> ImportReport:
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
         reader.start()
         try:
-            classes = None if quick else _object_info_counts(proc, port, cfg.check_timeout_s, lines)
+            classes, server = ((None, "") if quick
+                               else _object_info_counts(proc, port, cfg.check_timeout_s, lines))
             if quick:
                 try:
                     code = proc.wait(timeout=cfg.check_timeout_s)
@@ -114,11 +116,14 @@ def check_imports(cfg: NodesConfig, python: str) -> ImportReport:
             reader.join(timeout=5)
     report = parse_import_log("".join(lines))
     report.classes = classes
+    report.server = server
     return report
 
 
-def _object_info_counts(proc: subprocess.Popen[str], port: int, timeout: float, lines: list[str]) -> dict[str, int]:
-    """Node classes per custom node directory, from /object_info's python_module (custom_nodes.<dir>)."""
+def _object_info_counts(proc: subprocess.Popen[str], port: int, timeout: float,
+                        lines: list[str]) -> tuple[dict[str, int], str]:
+    """Node classes per custom node directory, from /object_info's python_module (custom_nodes.<dir>), and
+    which ComfyUI answered (_server_summary)."""
     deadline = time.monotonic() + timeout
     url = f"http://127.0.0.1:{port}/object_info"
     while True:
@@ -139,7 +144,19 @@ def _object_info_counts(proc: subprocess.Popen[str], port: int, timeout: float, 
         if module.startswith("custom_nodes."):
             name = module.split(".", 1)[1].split(".")[0]
             counts[name] = counts.get(name, 0) + 1
-    return counts
+    return counts, _server_summary(port, len(info))
+
+
+def _server_summary(port: int, node_classes: int) -> str:
+    """The ComfyUI and torch versions /system_stats reports and the node class count: the build log's record of
+    which ComfyUI the packs were checked against (a wrong tree or a torch-less venv shows here)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=30) as r:
+            system = json.loads(r.read()).get("system") or {}
+    except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, AttributeError):
+        system = {}
+    return (f"ComfyUI {system.get('comfyui_version', '(version unknown)')}, "
+            f"torch {system.get('pytorch_version', '(unknown)')}, {node_classes} node classes")
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

@@ -187,6 +187,8 @@ def cmd_install(cfg: NodesConfig, python: str | None, packs: list[NodePack], onl
     except InstallError as exc:
         say(f"error: the import check could not run: {exc}")
         return 1
+    if report.server:
+        say(f"import check: answered by {report.server}")
     problems = judge(packs, report)
     for name, reason in sorted(report.failed.items()):
         if name not in {p.name for p in packs}:
