@@ -33,10 +33,13 @@ from aiohttp import web
 
 from supervisor.api.deploy import add_deploy_routes
 from supervisor.api.http_base import SERVICE, SETTINGS
+from supervisor.api.http_connections import guarded_runner, quiet_accept_errors
+from supervisor.api.http_intake import intake_middleware
 from supervisor.api.http_middleware import auth_middleware, errors_middleware
 from supervisor.api.http_routes import add_runpod_routes
 from supervisor.api.job_service import JobService
 from supervisor.api.journal import Journal
+from supervisor.api.log_throttle import LogThrottle
 from supervisor.api.workflows import WorkflowLibrary
 from supervisor.comfy.status import State
 from supervisor.config import Settings
@@ -50,7 +53,7 @@ EXIT_FAILED = 1
 
 def build_app(service: JobService, settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_request_bytes,
-                          middlewares=[errors_middleware, auth_middleware])
+                          middlewares=[errors_middleware, auth_middleware, intake_middleware])
     app[SERVICE] = service
     app[SETTINGS] = settings
     add_runpod_routes(app)
@@ -69,7 +72,9 @@ async def serve(settings: Settings, supervisor: Any) -> int:
     engine = JobEngine(settings, supervisor)
     service = JobService(settings, supervisor, engine, journal, library)
     app = build_app(service, settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    throttle = LogThrottle(log)
+    quiet_accept_errors(loop, throttle)
+    runner = guarded_runner(app, settings, throttle)
     await runner.setup()
     site = web.TCPSite(runner, settings.api_host, settings.api_port)
     try:
@@ -101,6 +106,7 @@ async def serve(settings: Settings, supervisor: Any) -> int:
     stopping.cancel()
     await service.shutdown(grace)
     await runner.cleanup()
+    throttle.close()
     await engine.close()
     await journal.close()
     await asyncio.to_thread(supervisor.stop)
