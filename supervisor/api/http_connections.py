@@ -12,9 +12,10 @@ echo what the client sent. A hostile client on ``0.0.0.0`` can use both. Here, a
   response): a 408 if it sent part of them, an ordinary close if it sent nothing. Bodies have their own
   deadline (``BODY_TIMEOUT_S``, :mod:`supervisor.api.http_intake`).
 * What the HTTP parser refuses (a bad method, bad characters, ``Content-Length`` with ``Transfer-Encoding``,
-  a line over 8190 bytes...) and whatever aiohttp answers outside the routes (a bogus ``Expect``) gets the
-  documented ``{"error": ...}`` body. The parser's own message names the problem; the bytes it quotes are never
-  repeated, in the reply or in the log, since they may hold the API key.
+  a line over 8190 bytes...) and an ``Expect`` aiohttp would refuse before any middleware runs (in plain text,
+  or with a 500 when it cannot encode the value it echoes) get the documented ``{"error": ...}`` body. The
+  parser's own message names the problem; the bytes it quotes are never repeated, in the reply or in the log,
+  since they may hold the API key.
 * Each of these conditions, and the process running out of file descriptors, is logged at most once per
   interval (:class:`~supervisor.api.log_throttle.LogThrottle`), not once per event.
 """
@@ -43,7 +44,6 @@ log = logging.getLogger("supervisor.api")
 LINGER_S = 1.0  # after an answer that left part of a body unread, how long that rest is drained before closing
 FD_RESERVE = 256  # file descriptors kept for everything but client connections: journal, ComfyUI, images, logs
 _QUOTED_RE = re.compile(r"[:\s]+b?['\"].*$")  # where a parser message starts quoting the bytes it got
-OUTSIDE_ROUTE_MESSAGES = {417: "the Expect header may only be '100-continue'"}
 
 
 def connection_limit(configured: int) -> int:
@@ -79,17 +79,6 @@ def describe_refusal(exc: BaseException | None) -> str:
     first = (text.splitlines() or [""])[0]
     first = _QUOTED_RE.sub("", first).strip().rstrip(":").strip()
     return "".join(c for c in first if c.isprintable())[:120] or "malformed request"
-
-
-def as_json_error(resp: web.StreamResponse) -> web.StreamResponse:
-    """An error answered outside the routes (so without our middleware), made the documented JSON."""
-    if resp.status < 400 or resp.prepared or resp.content_type == "application/json":
-        return resp
-    message = OUTSIDE_ROUTE_MESSAGES.get(resp.status, f"{resp.reason or HTTPStatus(resp.status).phrase}".lower())
-    out = error_response(resp.status, message)
-    if resp.keep_alive is False:
-        out.force_close()
-    return out
 
 
 class ConnectionGuard:
@@ -165,7 +154,7 @@ class GuardedRequestHandler(RequestHandler):
     async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         try:
-            return await super().finish_response(request, as_json_error(resp), start_time)
+            return await super().finish_response(request, resp, start_time)
         finally:
             self.in_request = False
             if request.content.is_eof():
@@ -243,14 +232,22 @@ class GuardedServer(web.Server):
 
     def __init__(self, handler: Any, request_factory: Any, guard: ConnectionGuard,
                  handler_kwargs: Mapping[str, Any]) -> None:
+        self._app_handler = handler
         self._app_request_factory = request_factory
-        super().__init__(handler, request_factory=self._start_request, **handler_kwargs)
+        super().__init__(self._handle, request_factory=self._start_request, **handler_kwargs)
         self.guard = guard
         self._handler_kwargs = dict(handler_kwargs)
         self._guarded_loop = asyncio.get_running_loop()
 
     def __call__(self) -> GuardedRequestHandler:
         return GuardedRequestHandler(self, loop=self._guarded_loop, guard=self.guard, **self._handler_kwargs)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The app's handler; an ``Expect`` it would refuse before any middleware runs is refused here, in JSON."""
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.strip().lower() != "100-continue":
+            return error_response(417, "the Expect header may only be '100-continue'")
+        return await self._app_handler(request)
 
     def _start_request(self, message: Any, payload: Any, protocol: RequestHandler, writer: Any,
                        task: Any) -> web.BaseRequest:
