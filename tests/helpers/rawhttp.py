@@ -38,20 +38,22 @@ class RawResponse:
         return isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
 
 
-def parse_response(data: bytes) -> RawResponse | None:
-    """The first complete final response in ``data`` (``100 Continue`` skipped), or None while it is incomplete."""
+def parse_response(data: bytes, head_request: bool = False) -> RawResponse | None:
+    """The first complete final response in ``data`` (``100 Continue`` skipped), or None while it is incomplete.
+
+    The answer to a ``HEAD`` request (``head_request``) has no body, whatever its ``Content-Length`` says."""
     head, sep, rest = data.partition(b"\r\n\r\n")
     if not sep:
         return None
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if parts[1].startswith("1"):
-        return parse_response(rest)
+        return parse_response(rest, head_request)
     headers = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
+    length = 0 if head_request else int(headers.get("content-length", "0"))
     if len(rest) < length:
         return None
     return RawResponse(status=int(parts[1]), headers=headers, body=rest[:length], raw=data)
@@ -77,7 +79,7 @@ def exchange(port: int, data: bytes, timeout: float = 10.0, host: str = "127.0.0
             if not chunk:
                 break
             received += chunk
-            parsed = parse_response(received)
+            parsed = parse_response(received, head_request=data.startswith(b"HEAD "))
             if parsed is not None:
                 parsed.elapsed_s = time.monotonic() - started
                 return parsed
