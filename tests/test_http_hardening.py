@@ -251,15 +251,16 @@ def test_connections_are_bounded_and_health_still_gets_through(w: ApiWorker) -> 
     busy = [_open(w, request_bytes("POST", "/run", b"", key=KEY, length=False)[:-2] + b"Content-Length: 50\r\n\r\n")
             for _ in range(MAX_CONNECTIONS)]
     try:
-        time.sleep(0.3)
+        time.sleep(1.0)  # the worker has read their headers: every connection is inside a request
         over = send(w, request_bytes("GET", "/health"))
         assert over.status == 503 and over.is_json_error, over.raw
         assert "MAX_CONNECTIONS" in over.json()["error"] and over.headers.get("retry-after") == "1"
     finally:
         for sock in busy:
             sock.close()
-    time.sleep(0.5)
-    assert send(w, request_bytes("GET", "/health")).status == 200
+    # once the worker has seen them close, new clients get through again
+    wait_for(lambda: send(w, request_bytes("GET", "/health")).status == 200, 10, interval=0.2,
+             what="/health to answer 200 after the busy connections closed")
 
 
 # --- 7. the Deploy facade's uploads --------------------------------------------------------------------------
