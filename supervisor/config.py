@@ -203,6 +203,7 @@ class Settings:
     websocket_reconnect_delay_s: float = 3.0
     progress_interval_s: float = 0.5
     max_input_bytes: int = 20 * MB
+    max_input_pixels: int = 64_000_000
     allow_url_inputs: bool = True
     url_input_allowlist: tuple[str, ...] = ()
     url_input_timeout_s: float = 30.0
@@ -232,6 +233,9 @@ class Settings:
     allow_unauthenticated: bool = False
     runsync_wait_s: float = 90.0
     max_request_bytes: int = 20 * MB
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 120.0
+    max_connections: int = 512
     max_queue: int = 100
     job_retention_s: float = 3600.0
     endpoint_id: str | None = None
@@ -311,6 +315,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         websocket_reconnect_delay_s=r.number("WEBSOCKET_RECONNECT_DELAY_S", 3.0, lo=0),
         progress_interval_s=r.number("PROGRESS_INTERVAL_S", 0.5, lo=0),
         max_input_bytes=r.integer("MAX_INPUT_BYTES", 20 * MB, lo=1),
+        max_input_pixels=r.integer("MAX_INPUT_PIXELS", 64_000_000, lo=1),
         allow_url_inputs=r.boolean("ALLOW_URL_INPUTS", True),
         url_input_allowlist=tuple(
             r.convert("URL_INPUT_ALLOWLIST", (), _allowlist_list, "a comma list of host names, addresses or CIDRs")
@@ -338,6 +343,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         allow_unauthenticated=r.boolean("ALLOW_UNAUTHENTICATED", False),
         runsync_wait_s=r.number("RUNSYNC_WAIT_S", 90.0, lo=0),
         max_request_bytes=r.integer("MAX_REQUEST_BYTES", 20 * MB, lo=1024),
+        header_timeout_s=r.number("HEADER_TIMEOUT_S", 10.0, lo=0.1),
+        body_timeout_s=r.number("BODY_TIMEOUT_S", 120.0, lo=0.1),
+        max_connections=r.integer("MAX_CONNECTIONS", 512, lo=1),
         max_queue=r.integer("MAX_QUEUE", 100, lo=1),
         job_retention_s=r.number("JOB_RETENTION_S", 3600.0, lo=0),
         endpoint_id=r.raw("RUNPOD_ENDPOINT_ID"),

@@ -89,3 +89,16 @@ def test_probe_metrics_and_envelope_settings() -> None:
     assert "METRICS_PORT='0' is not valid; accepted: an integer from 1 to 65535" in text
     assert "RUNSYNC_ENVELOPE='bare' is not valid; accepted: one of runpod, output" in text
     assert "PORT='x' is not valid; accepted: an integer from 1 to 65535" in text
+
+
+def test_front_door_limits_have_defaults_and_refuse_nonsense() -> None:
+    s = load_settings({})
+    assert (s.header_timeout_s, s.body_timeout_s, s.max_connections, s.max_input_pixels) == (10.0, 120.0, 512,
+                                                                                            64_000_000)
+    s = load_settings({"HEADER_TIMEOUT_S": "2.5", "BODY_TIMEOUT_S": "30", "MAX_CONNECTIONS": "64",
+                       "MAX_INPUT_PIXELS": "1000000"})
+    assert (s.header_timeout_s, s.body_timeout_s, s.max_connections, s.max_input_pixels) == (2.5, 30.0, 64, 1_000_000)
+    with pytest.raises(ConfigError) as info:
+        load_settings({"HEADER_TIMEOUT_S": "0", "BODY_TIMEOUT_S": "-1", "MAX_CONNECTIONS": "0", "MAX_INPUT_PIXELS": "x"})
+    assert [p.split("=")[0] for p in info.value.problems] == ["MAX_INPUT_PIXELS", "HEADER_TIMEOUT_S", "BODY_TIMEOUT_S",
+                                                             "MAX_CONNECTIONS"]

@@ -17,6 +17,7 @@ from supervisor.jobs.request import parse_request
 from tests.helpers.jobs import b64, loopback_server, png_bytes, redirect, static
 
 SETTINGS = Settings(max_input_bytes=64 * 1024)
+MAX_PIXELS = SETTINGS.max_input_pixels
 SAVE = {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
 
 
@@ -87,9 +88,9 @@ def test_decode_base64_is_strict_and_says_why() -> None:
 
 
 def test_verify_image() -> None:
-    assert verify_image(png_bytes()) == "PNG"
-    assert verify_image(png_bytes(fmt="JPEG")) == "JPEG"
-    assert verify_image(png_bytes(fmt="WEBP")) == "WEBP"
+    assert verify_image(png_bytes(), MAX_PIXELS) == "PNG"
+    assert verify_image(png_bytes(fmt="JPEG"), MAX_PIXELS) == "JPEG"
+    assert verify_image(png_bytes(fmt="WEBP"), MAX_PIXELS) == "WEBP"
     for data, reason in [
         (b"hello world, not an image", "is not an image (it is text)"),
         (b"<!DOCTYPE html><html></html>", "is not an image (it is an HTML page)"),
@@ -97,16 +98,16 @@ def test_verify_image() -> None:
         (b"", "is empty"),
     ]:
         with pytest.raises(ValueError) as info:
-            verify_image(data)
+            verify_image(data, MAX_PIXELS)
         assert str(info.value) == reason
     truncated = png_bytes(size=(64, 64))[:-30]
     with pytest.raises(ValueError) as info:
-        verify_image(truncated)
+        verify_image(truncated, MAX_PIXELS)
     assert str(info.value).startswith("is a damaged image: ")
     ico = io.BytesIO()
     Image.new("RGB", (16, 16)).save(ico, format="ICO")
     with pytest.raises(ValueError) as info:
-        verify_image(ico.getvalue())
+        verify_image(ico.getvalue(), MAX_PIXELS)
     assert str(info.value) == "is a ICO image; accepted: PNG, JPEG, WEBP, GIF, BMP, TIFF"
 
 

@@ -13,6 +13,12 @@
   the client ``PUT`` s the bytes to ``upload_url`` (no header needed: the URL itself is the credential, valid
   one hour, like a presigned URL) and passes ``file_url`` as an image input of a run; the worker reads the
   file from its own disk instead of fetching the URL. ``file_url`` itself serves the file with bearer auth.
+  An upload URL takes one file: once written it answers 409. ``content_type`` must be one of
+  :data:`UPLOAD_MEDIA_TYPES` (the image formats the worker accepts as inputs).
+
+Files are served as attachments (``Content-Disposition: attachment``, ``X-Content-Type-Options: nosniff``) with
+an image, video or audio media type, else ``application/octet-stream``: nothing a client stored or a workflow
+wrote is ever rendered by a browser as a page of this worker's origin.
 
 All jobs of this facade are ordinary jobs of the API (same queue, journal, retention, ``/status``).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import json
 import logging
 import re
 import secrets
@@ -35,6 +42,7 @@ from aiohttp import web
 
 from supervisor.api.formats import COMPLETED
 from supervisor.api.http_base import error_response, public
+from supervisor.api.http_intake import json_body, read_capped
 from supervisor.api.job_service import QueueFull, ShuttingDown
 from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, UploadRecord
 from supervisor.api.workflows import is_named_request
@@ -48,7 +56,10 @@ UPLOAD_URL_TTL_S = 3600.0
 UPLOAD_PATH_RE = re.compile(r"^/api/uploads/([A-Za-z0-9_-]{20,})/([^/]+)$")
 SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._ -]")
 STATUS_NAMES = {IN_QUEUE: "not-started", IN_PROGRESS: "running", COMPLETED: "success"}
-CHUNK = 64 * 1024
+DEFAULT_UPLOAD_TYPE = "application/octet-stream"
+UPLOAD_MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff",
+                      DEFAULT_UPLOAD_TYPE)
+MEDIA_ALIASES = {"image/jpg": "image/jpeg", "image/tif": "image/tiff"}
 
 
 def iso(ts: float) -> str:
@@ -80,6 +91,26 @@ def _safe_filename(name: Any) -> str | None:
     return SAFE_NAME_RE.sub("_", name)
 
 
+def upload_media_type(declared: Any) -> str | None:
+    """The media type an upload is stored with (parameters dropped), or None when it is not one we take."""
+    if declared is None or declared == "":
+        return DEFAULT_UPLOAD_TYPE
+    if not isinstance(declared, str) or not declared.isascii() or not declared.isprintable():
+        return None
+    media = declared.split(";", 1)[0].strip().lower()
+    media = MEDIA_ALIASES.get(media, media)
+    return media if media in UPLOAD_MEDIA_TYPES else None
+
+
+def attachment(filename: str, declared: str) -> dict[str, str]:
+    """Headers that serve a file as a download of a harmless type, whatever its name or declared type said."""
+    major = declared.split("/", 1)[0]
+    safe_type = declared if major in ("image", "video", "audio") and "svg" not in declared else DEFAULT_UPLOAD_TYPE
+    name = SAFE_NAME_RE.sub("_", filename)[:200].lstrip(".") or "file"
+    return {"Content-Type": safe_type, "Content-Disposition": f'attachment; filename="{name}"',
+            "X-Content-Type-Options": "nosniff"}
+
+
 class DeployFacade:
     def __init__(self, service: Any, settings: Settings) -> None:
         self.service = service
@@ -89,10 +120,7 @@ class DeployFacade:
     # --- runs --------------------------------------------------------------------------------------------
 
     async def create_run(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            return error_response(400, f"the request body is not JSON ({exc})")
+        body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("deployment_id"), str):
             return error_response(400, "send {\"deployment_id\": \"<deployment>\", \"inputs\": {...}}")
         deployment_id = body["deployment_id"].strip()
@@ -167,23 +195,23 @@ class DeployFacade:
         if item.get("type") == "s3_url":
             raise web.HTTPFound(item["data"])
         data = base64.b64decode(item.get("data") or "")
-        return web.Response(body=data, content_type=media_type(str(item.get("filename", ""))))
+        filename = str(item.get("filename", ""))
+        return web.Response(body=data, headers=attachment(filename, media_type(filename)))
 
     # --- uploads -----------------------------------------------------------------------------------------
 
     async def upload_url(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            return error_response(400, f"the request body is not JSON ({exc})")
+        body = await json_body(request)
         if not isinstance(body, dict):
             return error_response(400, "send {\"filename\": \"input.png\", \"content_type\": \"image/png\"}")
         filename = _safe_filename(body.get("filename"))
         if filename is None:
             return error_response(400, "'filename' must be a plain file name such as input_image.png")
-        content_type = body.get("content_type") or "application/octet-stream"
-        if not isinstance(content_type, str):
-            return error_response(400, "'content_type' must be a string such as image/png")
+        content_type = upload_media_type(body.get("content_type"))
+        if content_type is None:
+            shown = json.dumps(body.get("content_type"))[:80]
+            return error_response(400, f"'content_type' {shown} is not accepted; accepted: "
+                                       + ", ".join(UPLOAD_MEDIA_TYPES))
         now = time.time()
         token = secrets.token_urlsafe(24)
         path = self.uploads_dir / token / filename
@@ -206,29 +234,26 @@ class DeployFacade:
         if request.content_length is not None and request.content_length > limit:
             return error_response(413, f"the file is {request.content_length} bytes, over the {limit} limit "
                                        "(MAX_INPUT_BYTES)")
-        path = Path(rec.path)
-        data = bytearray()
-        async for chunk in request.content.iter_chunked(CHUNK):
-            data += chunk
-            if len(data) > limit:
-                return error_response(413, f"the file is over the {limit} bytes limit (MAX_INPUT_BYTES)")
-
-        def _write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".part")
-            tmp.write_bytes(bytes(data))
-            tmp.replace(path)
-
-        await asyncio.to_thread(_write)
-        await self.service.journal.uploaded(token, len(data))
+        if not await self.service.journal.claim_upload(token):
+            return error_response(409, "this upload URL was already used (each takes one file); ask POST "
+                                       "/api/upload-url for a new one")
+        stored = False
+        try:
+            data = await read_capped(request, limit, f"the file is over the {limit} bytes limit (MAX_INPUT_BYTES)")
+            await asyncio.to_thread(_write_file, Path(rec.path), data)
+            await self.service.journal.uploaded(token, len(data))
+            stored = True
+        finally:
+            if not stored:  # refused or broken off: the URL may be used again
+                await self.service.journal.release_upload(token)
         log.info("upload %s...: %d bytes stored as %s", token[:6], len(data), rec.filename)
         return web.Response(status=200)
 
     async def get_upload(self, request: web.Request) -> web.StreamResponse:
         rec = await self.service.journal.get_upload(request.match_info["token"])
-        if rec is None or rec.size is None or unquote(request.match_info["filename"]) != rec.filename:
+        if rec is None or not rec.stored or unquote(request.match_info["filename"]) != rec.filename:
             return error_response(404, "no such uploaded file (uploads are kept JOB_RETENTION_S)")
-        return web.FileResponse(rec.path, headers={"Content-Type": rec.content_type})
+        return web.FileResponse(rec.path, headers=attachment(rec.filename, rec.content_type))
 
     async def resolve_uploads(self, job_input: Any, job: Any) -> Any:
         """Input hook: a named-workflow input equal to one of our ``file_url`` s becomes that file's data."""
@@ -243,12 +268,19 @@ class DeployFacade:
             if not match:
                 continue
             rec = await self.service.journal.get_upload(match.group(1))
-            if rec is None or rec.size is None:
+            if rec is None or not rec.stored:
                 continue
             data = await asyncio.to_thread(Path(rec.path).read_bytes)
             inputs[key] = f"data:{rec.content_type};base64," + base64.b64encode(data).decode("ascii")
             changed = True
         return {**job_input, "inputs": inputs} if changed else job_input
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def add_deploy_routes(app: web.Application, service: Any, settings: Settings) -> None:

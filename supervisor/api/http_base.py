@@ -28,6 +28,26 @@ def error_response(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
 
+class RequestRefused(Exception):
+    """A request the API refuses before its handler does anything; answered ``{"error": message}``.
+
+    ``close``: the connection is closed after the answer (its body was not read to the end, so the next bytes
+    on it are not a request).
+    """
+
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+
+    def response(self) -> web.Response:
+        resp = error_response(self.status, self.message)
+        if self.close:
+            resp.force_close()
+        return resp
+
+
 def not_found(request: web.Request, job_id: str) -> web.Response:
     retention = request.app[SETTINGS].job_retention_s
     return error_response(404, f"job {job_id!r} not found (finished jobs are kept {retention:g} s, "

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from supervisor.api.http_base import SETTINGS, error_response
+from supervisor.api.http_base import SETTINGS, RequestRefused, error_response
 from supervisor.config import Settings
 
 log = logging.getLogger("supervisor.api")
@@ -60,9 +60,12 @@ def token_of(request: web.Request) -> str | None:
 async def errors_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
     try:
         return await handler(request)
+    except RequestRefused as refused:
+        return refused.response()
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].max_request_bytes
-        return error_response(413, f"request body too large: the limit is {limit} bytes (MAX_REQUEST_BYTES)")
+        return RequestRefused(413, f"request body too large: the limit is {limit} bytes (MAX_REQUEST_BYTES)",
+                              close=True).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -79,7 +82,10 @@ async def auth_middleware(request: web.Request, handler: Callable[..., Any]) -> 
     route_handler = request.match_info.handler
     if settings.api_key and not getattr(route_handler, "public", False):
         token = token_of(request)
-        if token is None or not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+        # aiohttp decodes header bytes that are not UTF-8 as lone surrogates, which a plain encode() refuses:
+        # such a header is simply a wrong key
+        if token is None or not hmac.compare_digest(token.encode("utf-8", "surrogatepass"),
+                                                    settings.api_key.encode("utf-8", "surrogatepass")):
             return error_response(401, "Unauthorized: send the header 'Authorization: Bearer <API_KEY>'")
     endpoint = request.match_info.get("endpoint_id")
     if endpoint is not None and settings.endpoint_id and endpoint != settings.endpoint_id:

@@ -7,7 +7,6 @@ A job body is RunPod's (see :func:`supervisor.api.job_service.job_body`); ``docs
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from supervisor.api.http_base import (
     error_response,
     not_found,
 )
+from supervisor.api.http_intake import json_body
 from supervisor.api.job_service import Job, QueueFull, ShuttingDown
 from supervisor.config import RUNSYNC_ENVELOPES
 
@@ -26,12 +26,7 @@ MAX_RUNSYNC_WAIT_S = 300.0
 
 async def _job_request(request: web.Request) -> tuple[Any, str | None] | web.Response:
     """``{"input": ..., "webhook"?: ...}`` from the body, or the 400 that says what is wrong."""
-    try:
-        body = await request.json(loads=json.loads)
-    except web.HTTPException:
-        raise
-    except (ValueError, UnicodeDecodeError) as exc:
-        return error_response(400, f"the request body is not JSON ({exc}); send {{\"input\": {{...}}}}")
+    body = await json_body(request, hint="; send {\"input\": {...}}")
     if not isinstance(body, dict) or "input" not in body:
         return error_response(400, "the request body must be a JSON object with an 'input', e.g. "
                                    "{\"input\": {\"workflow\": {...}}}")

@@ -38,11 +38,14 @@ from aiohttp import web
 
 from supervisor.api.deploy import add_deploy_routes
 from supervisor.api.http_base import SERVICE, SETTINGS
+from supervisor.api.http_connections import guarded_runner, quiet_accept_errors
+from supervisor.api.http_intake import intake_middleware
 from supervisor.api.http_middleware import auth_middleware, errors_middleware
 from supervisor.api.http_routes import add_runpod_routes
 from supervisor.api.info import add_info_route
 from supervisor.api.job_service import JobService
 from supervisor.api.journal import Journal
+from supervisor.api.log_throttle import LogThrottle
 from supervisor.api.metrics_routes import add_metrics_route
 from supervisor.api.probes import add_probe_routes, build_probe_app
 from supervisor.api.workflows import WorkflowLibrary
@@ -59,7 +62,7 @@ EXIT_FAILED = 1
 
 def build_app(service: JobService, settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_request_bytes,
-                          middlewares=[errors_middleware, auth_middleware])
+                          middlewares=[errors_middleware, auth_middleware, intake_middleware])
     app[SERVICE] = service
     app[SETTINGS] = settings
     add_runpod_routes(app)
@@ -81,9 +84,11 @@ async def serve(settings: Settings, supervisor: Any, metrics: WorkerMetrics | No
     engine = JobEngine(settings, supervisor, metrics)
     service = JobService(settings, supervisor, engine, journal, library, metrics)
     app = build_app(service, settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    throttle = LogThrottle(log)
+    quiet_accept_errors(loop, throttle)
+    runner = guarded_runner(app, settings, throttle)
     await runner.setup()
-    probes = web.AppRunner(build_probe_app(service, settings), access_log=None, handle_signals=False)
+    probes = guarded_runner(build_probe_app(service, settings), settings, throttle)
     await probes.setup()
     try:
         await web.TCPSite(runner, settings.api_host, settings.api_port).start()
@@ -121,6 +126,7 @@ async def serve(settings: Settings, supervisor: Any, metrics: WorkerMetrics | No
     await service.shutdown(grace)
     await runner.cleanup()
     await probes.cleanup()
+    throttle.close()
     await engine.close()
     await journal.close()
     await asyncio.to_thread(supervisor.stop)

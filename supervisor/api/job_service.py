@@ -39,6 +39,7 @@ from supervisor.api.journal import (
     JobRecord,
     Journal,
 )
+from supervisor.api.safe_json import sendable
 from supervisor.api.webhooks import WEBHOOK_TIMEOUT_S, WebhookSender
 from supervisor.api.workflows import WorkflowLibrary, prepare_input
 from supervisor.comfy.status import State
@@ -392,8 +393,10 @@ class JobService:
         rec = job.record
         rec.status = outcome.status
         rec.finished_at = time.time()
-        rec.output = outcome.output if outcome.status == COMPLETED else None
-        rec.error = outcome.error
+        # text that cannot be encoded (an error quoting a lone surrogate ComfyUI sent, say) is escaped: else the
+        # journal could not store the result and no client could read it
+        rec.output = sendable(outcome.output) if outcome.status == COMPLETED else None
+        rec.error = sendable(outcome.error)
         rec.input = None
         await self.journal.finished(rec)
         self._count(rec)

@@ -85,6 +85,9 @@ class JobRecord:
         return self.finished_at or self.started_at or self.created_at
 
 
+UPLOAD_WRITING = -1  # ``size`` while one PUT writes the file: an upload URL takes one file
+
+
 @dataclass
 class UploadRecord:
     token: str
@@ -93,7 +96,11 @@ class UploadRecord:
     created_at: float
     expires_at: float
     path: str
-    size: int | None = None
+    size: int | None = None  # None: not written yet; UPLOAD_WRITING: being written; else the bytes stored
+
+    @property
+    def stored(self) -> bool:
+        return self.size is not None and self.size >= 0
 
 
 def _dumps(value: Any) -> str | None:
@@ -236,6 +243,20 @@ class Journal:
             "INSERT INTO uploads (token, filename, content_type, created_at, expires_at, size, path)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (rec.token, rec.filename, rec.content_type, rec.created_at, rec.expires_at, rec.size, rec.path)))
+
+    async def claim_upload(self, token: str) -> bool:
+        """Take an upload URL for one write; False when it was written (or is being written) already."""
+        def _claim() -> bool:
+            cur = self.db.execute("UPDATE uploads SET size = ? WHERE token = ? AND size IS NULL",
+                                  (UPLOAD_WRITING, token))
+            return cur.rowcount == 1
+
+        return await self._call(_claim)
+
+    async def release_upload(self, token: str) -> None:
+        """A claimed write that did not complete: the URL may be used again."""
+        await self._call(lambda: self.db.execute("UPDATE uploads SET size = NULL WHERE token = ? AND size = ?",
+                                                 (token, UPLOAD_WRITING)))
 
     async def uploaded(self, token: str, size: int) -> None:
         await self._call(lambda: self.db.execute("UPDATE uploads SET size = ? WHERE token = ?", (size, token)))

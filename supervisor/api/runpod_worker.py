@@ -4,8 +4,9 @@
   through ``runpod.serverless.progress_update`` (throttled by ``PROGRESS_INTERVAL_S``).
 * The handler returns the response format's value (:mod:`supervisor.api.formats`); a failure is returned as
   ``{"error": message}`` (the SDK marks the job FAILED with exactly that string), never raised (a raised
-  exception becomes a JSON-encoded traceback). Every return value is checked to be JSON: the SDK silently
-  loses a result it cannot serialise.
+  exception becomes a JSON-encoded traceback). Every return value is checked to be JSON, and text in it that
+  cannot be encoded as UTF-8 is escaped: the SDK silently loses a result it cannot serialise or encode. An input
+  holding such text (a lone surrogate) or nested too deep fails at once, naming the field.
 * The SDK cancels a stopped job's task; the engine turns that ``CancelledError`` into an interrupt (or a
   queue removal) in ComfyUI and cleans up; no result is posted, as the SDK intends.
 * ``MAX_CONCURRENCY`` through ``concurrency_modifier``; ``REFRESH_WORKER=true`` through the SDK's
@@ -33,10 +34,11 @@ import time
 from typing import Any
 
 from supervisor.api.formats import Outcome, failure, requested_format, success
+from supervisor.api.safe_json import json_problem, sendable
 from supervisor.api.workflows import WorkflowLibrary, prepare_input
 from supervisor.comfy.status import State, Status
 from supervisor.config import Settings
-from supervisor.errors import ComfyUnavailableError, InternalError, JobError
+from supervisor.errors import INVALID_PREFIX, ComfyUnavailableError, InternalError, InvalidInputError, JobError
 from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.runpod")
@@ -86,6 +88,7 @@ class RunPodHandler:
         except (TypeError, ValueError) as exc:
             log.error("job %s: the result is not JSON (%s)", job_id, exc)
             value = {"error": f"Internal error of the worker: the result is not JSON ({exc})"}
+        value = sendable(value)  # the SDK encodes it as UTF-8: a lone surrogate would lose the whole result
         took = time.monotonic() - started
         if outcome.error:
             log.info("job %s %s after %.2f s: %s", job_id, outcome.status, took, outcome.error.splitlines()[0])
@@ -97,6 +100,9 @@ class RunPodHandler:
 
     async def _run(self, job: dict[str, Any], job_id: str, raw: Any, fmt: str) -> Outcome:
         try:
+            problem = json_problem(raw, "input")
+            if problem:  # the platform passes on whatever JSON the client sent
+                raise InvalidInputError(f"{INVALID_PREFIX}: {problem}")
             waited = time.monotonic()
             await self._wait_ready()
             self.metrics.phase("queue", time.monotonic() - waited)

@@ -106,19 +106,27 @@ def _is_b64_char(char: str, alphabet: re.Pattern[str]) -> bool:
     return bool(alphabet.match(char)) or char == "="
 
 
-def verify_image(data: bytes) -> str:
-    """Return the image format (e.g. "PNG") if ``data`` is a complete image ComfyUI can load; else ValueError."""
+def verify_image(data: bytes, max_pixels: int) -> str:
+    """Return the image format (e.g. "PNG") if ``data`` is a complete image ComfyUI can load; else ValueError.
+
+    The size comes from the image's header, before anything is decoded: a few KB of compressed pixels can
+    describe a picture of gigapixels, for which ComfyUI would build a tensor of gigabytes. Every frame counts
+    (ComfyUI loads them all).
+    """
     if not data:
         raise ValueError("is empty")
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or "?"
             width, height = img.size
+            _check_pixels(width, height, getattr(img, "n_frames", 1), max_pixels)
             img.verify()
     except UnidentifiedImageError:
         raise ValueError(f"is not an image ({_sniff(data)})") from None
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"is too large in pixels: {exc}") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"is over the limit of {_mp(max_pixels)} (MAX_INPUT_PIXELS)") from None
+    except ValueError:
+        raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for damaged files
         raise ValueError(f"is a damaged image: {exc}") from None
     if fmt not in FORMAT_EXTENSIONS:
@@ -126,6 +134,17 @@ def verify_image(data: bytes) -> str:
     if width <= 0 or height <= 0:
         raise ValueError("is an image with no pixels")
     return fmt
+
+
+def _check_pixels(width: int, height: int, frames: int, max_pixels: int) -> None:
+    total = width * height * max(frames, 1)
+    if total > max_pixels:
+        shape = f"{width} x {height} pixels" + (f" x {frames} frames" if frames > 1 else "")
+        raise ValueError(f"is {shape} ({_mp(total)}), over the limit of {_mp(max_pixels)} (MAX_INPUT_PIXELS)")
+
+
+def _mp(pixels: int) -> str:
+    return f"{pixels / 1_000_000:.1f} megapixels"
 
 
 def _sniff(data: bytes) -> str:

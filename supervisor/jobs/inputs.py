@@ -105,7 +105,7 @@ async def _resolve_supplied(
     """(bytes, format) for an ``images`` entry, or the problem line."""
     try:
         data = await _load(img.source, img.kind, settings, fetcher)
-        fmt = await asyncio.to_thread(verify_image, data)
+        fmt = await asyncio.to_thread(verify_image, data, settings.max_input_pixels)
     except ValueError as exc:
         return f"{img.origin} {exc}"
     return data, fmt
@@ -117,7 +117,7 @@ async def _resolve_inline(
     """Like :func:`_resolve_supplied`; None when a short base64-looking string is not an image (a file name)."""
     try:
         data = await _load(img.source, img.kind, settings, fetcher)
-        fmt = await asyncio.to_thread(verify_image, data)
+        fmt = await asyncio.to_thread(verify_image, data, settings.max_input_pixels)
     except ValueError as exc:
         if img.kind == "base64" and len(img.source.encode("utf-8", "surrogatepass")) <= NAME_MAX:
             return None

@@ -15,7 +15,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +181,9 @@ class ApiWorker:
         self.api = Api(f"http://127.0.0.1:{self.port}", self.env.get("API_KEY"))
         self.proc: WorkerProcess | None = None
 
-    def start(self, wait: bool = True, log_name: str | None = None) -> "ApiWorker":
-        self.proc = WorkerProcess(self.env, self.tmp_path / (log_name or self.log_path.name))
+    def start(self, wait: bool = True, log_name: str | None = None,
+              preexec_fn: Callable[[], Any] | None = None) -> "ApiWorker":
+        self.proc = WorkerProcess(self.env, self.tmp_path / (log_name or self.log_path.name), preexec_fn)
         if wait:
             self.wait_ready()
         return self

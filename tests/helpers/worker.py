@@ -110,12 +110,13 @@ def running_supervisor(
 class WorkerProcess:
     """``python -m supervisor`` as a real child process, its log captured to a file."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, preexec_fn: Callable[[], Any] | None = None) -> None:
         self.env = dict(env)
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "supervisor"], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
 
     def log_text(self) -> str:
