@@ -171,3 +171,20 @@ def test_a_taken_port_of_a_later_instance_stops_start_up(tmp_path: Path) -> None
         in text, text
     time.sleep(0.1)
     assert not tree_processes(worker.env["TEST_TREE_ID"])
+
+
+def test_the_runpod_handler_runs_jobs_on_every_instance(tmp_path: Path) -> None:
+    """RunPod's queue mode, the unmodified SDK loop: its concurrency is the pool's (2), each job on a free instance."""
+    from tests.test_runpod_worker import runpod_worker
+
+    port = free_port_run(2)
+    with runpod_worker(tmp_path, COMFYUI_INSTANCES="2", COMFYUI_PORT=str(port),
+                       STANDIN_STEP_DELAY_S="0.02") as (rp, worker):
+        rp.wait_for(lambda: any(t["route"] == "job-take-batch" for t in rp.takes), 30, "a batch take")
+        jobs = [rp.enqueue(with_steps(40)["input"]) for _ in range(6)]
+        results = [rp.wait_result(job, timeout=60) for job in jobs]
+        assert all("output" in r for r in results), results
+        on = instance_of_jobs(worker.log_text())
+        assert sorted(on) == sorted(jobs) and set(on.values()) == {"0", "1"}, on
+        assert "concurrency 2; 2 ComfyUI instance(s)" in worker.log_text()
+        assert any(t["query"]["batch_size"][0] == "2" for t in rp.takes if t["route"] == "job-take-batch")

@@ -112,6 +112,8 @@ class RunPodHandler:
             self.dispatcher.release(instance, status)
 
     async def _run_on(self, instance: Any, job: dict[str, Any], job_id: str, raw: Any, fmt: str) -> Outcome:
+        if len(self.dispatcher.instances) > 1:
+            log.info("job %s started on ComfyUI instance %s", job_id, instance.label)
         try:
             request = prepare_input(raw, self.library)
             result = await instance.engine.run_job(job_id, request, lambda event: self._progress(job, event))
