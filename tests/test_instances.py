@@ -7,6 +7,7 @@ crashes are real ``kill -9``s; each instance's environment is read from the live
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import signal
@@ -188,3 +189,43 @@ def test_the_runpod_handler_runs_jobs_on_every_instance(tmp_path: Path) -> None:
         assert sorted(on) == sorted(jobs) and set(on.values()) == {"0", "1"}, on
         assert "concurrency 2; 2 ComfyUI instance(s)" in worker.log_text()
         assert any(t["query"]["batch_size"][0] == "2" for t in rp.takes if t["route"] == "job-take-batch")
+
+
+async def test_an_instance_that_fails_for_good_leaves_the_others_serving(tmp_path: Path) -> None:
+    """Instance 1 cannot bind its port (a foreign listener holds it): its crash-loop breaker trips; the worker's
+    status stays ready, jobs are only handed instance 0, and the worker is not finished."""
+    import asyncio
+    import socket
+
+    from supervisor.jobs.dispatch import InstanceDispatcher
+    from supervisor.supervision.pool import ComfyPool
+    from tests.helpers.worker import settings_for, worker_env
+
+    env = worker_env(tmp_path, COMFYUI_INSTANCES="2", COMFYUI_PORT=str(free_port_run(2)), CRASH_LOOP_MAX="2",
+                     RESTART_BACKOFF_S="0.1", RESTART_BACKOFF_MAX_S="0.1", HEALTH_TIMEOUT_S="0.2")
+    settings = settings_for(env)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", settings.comfyui_port + 1))
+        holder.listen()
+        pool = ComfyPool(settings)
+        pool.start()
+        dispatcher = InstanceDispatcher.for_handles(settings, pool.instances)
+        try:
+            await asyncio.to_thread(wait_for, lambda: [s.status().state.value for s in pool.instances]
+                                    == ["ready", "failed"], 60, 0.05, "instance 0 ready, instance 1 failed")
+            status = pool.status()
+            assert status.state.value == "ready" and status.message.startswith("1 of 2 ComfyUI instances serving")
+            assert not pool.wait_finished(0.1)
+            first = await dispatcher.claim(1.0)
+            assert first.label == "0"
+            with pytest.raises(TimeoutError, match=r"no ComfyUI instance was free and ready within 0.3 s "
+                                                   r"\(0: ready, busy, 1: failed\)"):
+                await dispatcher.claim(0.3)
+            dispatcher.release(first, "COMPLETED")
+            assert (await dispatcher.claim(1.0)).label == "0"
+            state = json.loads(Path(env["STATE_FILE"]).read_text())
+            assert state["state"] == "ready" and [i["state"] for i in state["instances"]] == ["ready", "failed"]
+        finally:
+            await dispatcher.close()
+            await asyncio.to_thread(pool.stop)
+    assert not tree_processes(env["TEST_TREE_ID"])
