@@ -16,7 +16,6 @@ With one instance the pool is that supervisor: same status, same state file, sam
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,10 +42,6 @@ class ComfyPool:
         self._state_file = StateFileWriter(None if self._single else settings.state_file)
         if not self._single:
             self.add_listener(lambda status: self._write_state_file(status))
-
-    @property
-    def base_url(self) -> str:
-        return self.instances[0].base_url
 
     def start(self) -> None:
         """Spawn every instance, each on its own thread; returns at once."""
@@ -90,23 +85,6 @@ class ComfyPool:
         """``listener(worker status)`` on every state change of any instance (from that instance's thread)."""
         for sup in self.instances:
             sup.add_listener(lambda _status: listener(self.status()))
-
-    async def wait_ready(self, timeout: float | None) -> Status:
-        """Resolve once any instance serves; TimeoutError, or RuntimeError once none ever will."""
-        if self._single:
-            return await self.instances[0].wait_ready(timeout)
-        waits = [asyncio.ensure_future(sup.wait_ready(timeout)) for sup in self.instances]
-        try:
-            pending: set[asyncio.Future[Status]] = set(waits)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if any(not task.exception() for task in done):
-                    return self.status()
-            errors = [task.exception() for task in waits]
-            raise next((e for e in errors if isinstance(e, TimeoutError)), errors[0])  # type: ignore[misc]
-        finally:
-            for task in waits:
-                task.cancel()
 
     def _write_state_file(self, status: Status) -> None:
         self._state_file.write({**status.to_dict(), "instances": self.describe()})
