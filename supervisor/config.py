@@ -424,18 +424,20 @@ def _listen_addresses(r: _Reader, worker_mode: str) -> tuple[str, int, int | Non
 
 
 def _port_clashes(s: Settings) -> list[str]:
-    """The API's ports must not be one of ComfyUI's (COMFYUI_PORT + i for each instance), which must all exist."""
+    """The worker's own ports (the API's; METRICS_PORT in RunPod mode) must not be one of ComfyUI's
+    (COMFYUI_PORT + i for each instance), which must all exist."""
     last = s.comfyui_port + s.instances - 1
     if last > 65535:
         return [f"COMFYUI_PORT={s.comfyui_port} with {s.instances} instances needs ports up to {last}; accepted: "
                 f"COMFYUI_PORT <= {65535 - s.instances + 1} (instance i listens on COMFYUI_PORT + i)"]
     if s.worker_mode == "runpod":
-        return []
-    api_var = "API_PORT" if s.worker_mode == "http" else "PORT"
+        ours: tuple[tuple[str, int | None], ...] = (("METRICS_PORT", s.metrics_port),)
+    else:
+        ours = (("API_PORT" if s.worker_mode == "http" else "PORT", s.api_port), ("PORT_HEALTH", s.health_port))
     comfy = f"COMFYUI_PORT={s.comfyui_port}" if s.instances == 1 else (
         f"ComfyUI's ports {s.comfyui_port}-{last} (COMFYUI_PORT={s.comfyui_port}, {s.instances} instances)")
     problems = []
-    for var, port in ((api_var, s.api_port), ("PORT_HEALTH", s.health_port)):
+    for var, port in ours:
         if port is not None and s.comfyui_port <= port <= last:
             same = "are the same port" if s.instances == 1 else "overlap"
             problems.append(f"{var}={port} and {comfy} {same}; accepted: two different ports (the API and ComfyUI "

@@ -154,5 +154,8 @@ def test_the_api_port_must_not_be_one_of_comfyuis() -> None:
         load_settings({"COMFYUI_INSTANCES": "3", "COMFYUI_PORT": "8188", "API_PORT": "8190"})
     assert "API_PORT=8190 and ComfyUI's ports 8188-8190 (COMFYUI_PORT=8188, 3 instances) overlap" in str(info.value)
     with pytest.raises(ConfigError) as info:
+        load_settings({"WORKER_MODE": "runpod", "COMFYUI_INSTANCES": "2", "COMFYUI_PORT": "9000", "METRICS_PORT": "9001"})
+    assert "METRICS_PORT=9001 and ComfyUI's ports 9000-9001 (COMFYUI_PORT=9000, 2 instances) overlap" in str(info.value)
+    with pytest.raises(ConfigError) as info:
         load_settings({"COMFYUI_INSTANCES": "4", "COMFYUI_PORT": "65534"})
     assert "COMFYUI_PORT=65534 with 4 instances needs ports up to 65537" in str(info.value)
