@@ -6,7 +6,6 @@ crashes are real ``kill -9``s; each instance's environment is read from the live
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -19,19 +18,13 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.helpers.api import ApiWorker, api_worker, http_get, seed, seed_models, write_models
+from tests.helpers.api import ApiWorker, api_worker, http_get, seed_001_with_steps, seed_models, write_models
 from tests.helpers.standin import free_port_run
 from tests.helpers.worker import tree_processes, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
-SEED_001 = seed("001_request.json")
-
-
-def with_steps(steps: int) -> dict[str, Any]:
-    out = copy.deepcopy(SEED_001)
-    out["input"]["workflow"]["31"]["inputs"]["steps"] = steps
-    return out
+with_steps = seed_001_with_steps
 
 
 def instances_env(tmp_path: Path, count: int, **env: Any) -> dict[str, Any]:

@@ -41,12 +41,12 @@ class ComfyPool:
         # With one instance its supervisor writes STATE_FILE itself (for_instance keeps it); with more, the pool.
         self._state_file = StateFileWriter(None if self._single else settings.state_file)
         if not self._single:
-            self.add_listener(lambda status: self._write_state_file(status))
+            self.add_listener(lambda _status: self._write_state_file())
 
     def start(self) -> None:
         """Spawn every instance, each on its own thread; returns at once."""
         if not self._single:
-            self._write_state_file(self.status())
+            self._write_state_file()
         for sup in self.instances:
             sup.start()
 
@@ -86,11 +86,11 @@ class ComfyPool:
         for sup in self.instances:
             sup.add_listener(lambda _status: listener(self.status()))
 
-    def _write_state_file(self, status: Status) -> None:
-        self._state_file.write({**status.to_dict(), "instances": self.describe()})
+    def _write_state_file(self) -> None:
+        self._state_file.write(lambda: {**self.status().to_dict(), "instances": self.describe()})
 
     def describe(self) -> list[dict[str, Any]]:
-        """Each instance: its label, GPU, port and status (the state file's and /health's ``instances``)."""
+        """Each instance: its label, GPU, port and status (the state file's ``instances``)."""
         return [describe_instance(sup.instance, sup.settings, sup.status()) for sup in self.instances]
 
 

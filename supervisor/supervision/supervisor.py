@@ -568,14 +568,20 @@ class StateFileWriter:
         self.path = path
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-file")
 
-    def write(self, body: dict[str, Any]) -> None:
+    def write(self, body: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        """Write ``body``; a callable is called at writing time, so when several threads report changes, the
+        last write holds the state after the last change whatever order they came in."""
         if self.path is None:
             return
-        body = {**body, "worker_pid": os.getpid(), "updated_at": time.time()}
         try:
-            self._executor.submit(_atomic_write_json, self.path, body)
+            self._executor.submit(self._write_now, self.path, body)
         except RuntimeError:  # executor shut down at exit
-            _atomic_write_json(self.path, body)
+            self._write_now(self.path, body)
+
+    @staticmethod
+    def _write_now(path: Path, body: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        content = body() if callable(body) else body
+        _atomic_write_json(path, {**content, "worker_pid": os.getpid(), "updated_at": time.time()})
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
