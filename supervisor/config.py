@@ -440,8 +440,8 @@ def _port_clashes(s: Settings) -> list[str]:
     for var, port in ours:
         if port is not None and s.comfyui_port <= port <= last:
             same = "are the same port" if s.instances == 1 else "overlap"
-            problems.append(f"{var}={port} and {comfy} {same}; accepted: two different ports (the API and ComfyUI "
-                            "each listen on their own)")
+            problems.append(f"{var}={port} and {comfy} {same}; accepted: two different ports (the "
+                            "worker and ComfyUI each listen on their own)")
     return problems
 
 
