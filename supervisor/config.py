@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import shlex
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +35,13 @@ RUNSYNC_ENVELOPES = ("runpod", "output")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 MB = 1024 * 1024
+MAX_INSTANCES = 64
+INSTANCES_ACCEPTED = (
+    f"1 (the default), a number of instances from 1 to {MAX_INSTANCES}, auto (one per visible GPU), "
+    "or a comma list of GPU ids (e.g. 0,1,3)"
+)
+NVIDIA_SMI_TIMEOUT_S = 10.0
+GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[0-9A-Za-z/_.-]+)$")
 
 # Secrets of the worker itself: never echoed in errors, never passed on to ComfyUI's process tree.
 WORKER_SECRETS = frozenset({"API_KEY", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY"})
@@ -181,6 +191,10 @@ class Settings:
     required_nodes: tuple[str, ...] = ()
     warmup_workflow: Path | None = None
     state_file: Path | None = None
+    # One entry per ComfyUI instance (COMFYUI_INSTANCES): the CUDA_VISIBLE_DEVICES it gets, None to leave the
+    # worker's own. Instance i listens on COMFYUI_PORT + i; with more than one, its folders are DATA_DIR/instance-i.
+    instance_gpus: tuple[str | None, ...] = (None,)
+    instances_note: str = ""  # how COMFYUI_INSTANCES was resolved (``auto``: what it saw), for the start-up log
 
     # --- supervision -----------------------------------------------------------------------------------
     start_timeout_s: float = 300.0
@@ -264,6 +278,30 @@ class Settings:
         return f"http://{host}:{self.comfyui_port}"
 
     @property
+    def instances(self) -> int:
+        return len(self.instance_gpus)
+
+    @property
+    def jobs_per_instance(self) -> int:
+        """How many jobs one instance runs at once: MAX_CONCURRENCY shared out over the instances."""
+        return -(-self.max_concurrency // self.instances)
+
+    def for_instance(self, index: int) -> "Settings":
+        """The settings of ComfyUI instance ``index``: its port, its folders, its GPU. With one instance, these.
+
+        The one place that lays instances out; the supervisors (which start them) and the job engines (which
+        read their folders and talk to their ports) both ask here.
+        """
+        if not 0 <= index < self.instances:
+            raise IndexError(f"instance {index} of {self.instances}")
+        if self.instances == 1:
+            return self
+        gpu = self.instance_gpus[index]
+        env = dict(self.child_env) if gpu is None else {**self.child_env, "CUDA_VISIBLE_DEVICES": gpu}
+        return self.replace(comfyui_port=self.comfyui_port + index, data_dir=self.data_dir / f"instance-{index}",
+                            child_env=env, state_file=None)
+
+    @property
     def s3_enabled(self) -> bool:
         return bool(self.bucket_endpoint_url and self.bucket_access_key_id and self.bucket_secret_access_key)
 
@@ -282,6 +320,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     mode_default = "runpod" if r.raw("RUNPOD_WEBHOOK_GET_JOB") else "http"
     worker_mode = r.choice("WORKER_MODE", mode_default, WORKER_MODES)
     api_host, api_port, health_port = _listen_addresses(r, worker_mode)
+    instance_gpus, instances_note = _instances(r)
 
     s = Settings(
         comfyui_dir=comfyui_dir.resolve(),
@@ -297,6 +336,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         required_nodes=r.words("REQUIRED_NODES"),
         warmup_workflow=r.path("WARMUP_WORKFLOW", None),
         state_file=r.path("STATE_FILE", None),
+        instance_gpus=instance_gpus,
+        instances_note=instances_note,
         start_timeout_s=r.number("COMFYUI_START_TIMEOUT_S", 300.0, lo=1),
         ready_poll_s=r.number("READY_POLL_S", 0.02, lo=0.001, hi=0.05),
         health_interval_s=r.number("HEALTH_INTERVAL_S", 5.0, lo=0.05),
@@ -334,7 +375,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bucket_url_expiry_s=r.integer("BUCKET_URL_EXPIRY_S", 7 * 24 * 3600, lo=1, hi=7 * 24 * 3600),
         worker_mode=worker_mode,
         response_format=r.choice("RESPONSE_FORMAT", "worker-comfyui", RESPONSE_FORMATS),
-        max_concurrency=r.integer("MAX_CONCURRENCY", 1, lo=1, hi=64),
+        max_concurrency=r.integer("MAX_CONCURRENCY", len(instance_gpus), lo=1, hi=64),
         ready_wait_s=r.number("READY_WAIT_S", 600.0, lo=0),
         refresh_worker=r.boolean("REFRESH_WORKER", False),
         api_host=api_host,
@@ -363,12 +404,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"RESTART_BACKOFF_MAX_S={s.restart_backoff_max_s} is smaller than RESTART_BACKOFF_S="
             f"{s.restart_backoff_s}; accepted: a cap >= the first delay"
         )
-    if s.worker_mode != "runpod" and s.api_port == s.comfyui_port:
-        api_var = "API_PORT" if s.worker_mode == "http" else "PORT"
-        r.problems.append(
-            f"{api_var}={s.api_port} and COMFYUI_PORT={s.comfyui_port} are the same port; accepted: two different "
-            "ports (the API and ComfyUI each listen on their own)"
-        )
+    r.problems.extend(_port_clashes(s))
     if bool(s.bucket_access_key_id) != bool(s.bucket_secret_access_key) or (
         (s.bucket_access_key_id or s.bucket_secret_access_key) and not s.bucket_endpoint_url
     ):
@@ -393,6 +429,91 @@ def _listen_addresses(r: _Reader, worker_mode: str) -> tuple[str, int, int | Non
     port = r.port("PORT", 80)
     health = r.port("PORT_HEALTH", port)
     return r.string("API_HOST", "0.0.0.0"), port, (health if health != port else None)
+
+
+def _port_clashes(s: Settings) -> list[str]:
+    """The worker's own ports (the API's; METRICS_PORT in RunPod mode) must not be one of ComfyUI's
+    (COMFYUI_PORT + i for each instance), which must all exist."""
+    last = s.comfyui_port + s.instances - 1
+    if last > 65535:
+        return [f"COMFYUI_PORT={s.comfyui_port} with {s.instances} instances needs ports up to {last}; accepted: "
+                f"COMFYUI_PORT <= {65535 - s.instances + 1} (instance i listens on COMFYUI_PORT + i)"]
+    if s.worker_mode == "runpod":
+        ours: tuple[tuple[str, int | None], ...] = (("METRICS_PORT", s.metrics_port),)
+    else:
+        ours = (("API_PORT" if s.worker_mode == "http" else "PORT", s.api_port), ("PORT_HEALTH", s.health_port))
+    comfy = f"COMFYUI_PORT={s.comfyui_port}" if s.instances == 1 else (
+        f"ComfyUI's ports {s.comfyui_port}-{last} (COMFYUI_PORT={s.comfyui_port}, {s.instances} instances)")
+    problems = []
+    for var, port in ours:
+        if port is not None and s.comfyui_port <= port <= last:
+            same = "are the same port" if s.instances == 1 else "overlap"
+            problems.append(f"{var}={port} and {comfy} {same}; accepted: two different ports (the "
+                            "worker and ComfyUI each listen on their own)")
+    return problems
+
+
+def _instances(r: _Reader) -> tuple[tuple[str | None, ...], str]:
+    """COMFYUI_INSTANCES as one CUDA_VISIBLE_DEVICES value per instance (None: the worker's own), and a note."""
+    raw = r.raw("COMFYUI_INSTANCES")
+    visible = _visible_devices(r.env)
+    if raw is None:
+        return (None,), ""
+    text = raw.strip().lower()
+    if text == "auto":
+        return _auto_instances(r.env, visible)
+    if text.isdigit():
+        count = int(text)
+        if not 1 <= count <= MAX_INSTANCES:
+            r._bad("COMFYUI_INSTANCES", raw, INSTANCES_ACCEPTED)
+            return (None,), ""
+        if count == 1:
+            return (None,), ""
+        ids = [visible[i % len(visible)] if visible else str(i) for i in range(count)]
+        return tuple(ids), f"COMFYUI_INSTANCES={count}: CUDA_VISIBLE_DEVICES {', '.join(ids)}"
+    ids = [w.strip() for w in raw.split(",") if w.strip()]  # "3," is GPU 3 alone; "3" is three instances
+    if not ids or len(ids) > MAX_INSTANCES or not all(GPU_ID.match(w) for w in ids):
+        r._bad("COMFYUI_INSTANCES", raw, INSTANCES_ACCEPTED)
+        return (None,), ""
+    return tuple(ids), f"COMFYUI_INSTANCES={raw.strip()}: one instance per listed GPU"
+
+
+def _visible_devices(env: Mapping[str, str]) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as a list (empty: no GPU may be used), or None when it is not set."""
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    ids = [w.strip() for w in value.split(",") if w.strip()]
+    return [] if not ids or ids[0].startswith("-") else ids
+
+
+def _auto_instances(env: Mapping[str, str], visible: list[str] | None) -> tuple[tuple[str | None, ...], str]:
+    """``auto``: one instance per GPU in CUDA_VISIBLE_DEVICES if set, else per GPU ``nvidia-smi -L`` lists."""
+    if visible is not None:
+        source = f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r}"
+        gpus = visible
+    else:
+        gpus, source = _nvidia_smi_gpus(env)
+    if not gpus:
+        return (None,), f"COMFYUI_INSTANCES=auto: no GPU visible ({source}); one instance"
+    return tuple(gpus), f"COMFYUI_INSTANCES=auto: {len(gpus)} GPU(s) from {source}: {', '.join(gpus)}"
+
+
+def _nvidia_smi_gpus(env: Mapping[str, str]) -> tuple[list[str], str]:
+    """The indices ``nvidia-smi -L`` lists (``GPU 0: NVIDIA ... (UUID: ...)``), and what was asked."""
+    tool = shutil.which("nvidia-smi", path=env.get("PATH", os.defpath))
+    if tool is None:
+        return [], "no nvidia-smi on PATH"
+    try:
+        done = subprocess.run([tool, "-L"], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S,
+                              env=dict(env), check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [], f"nvidia-smi -L failed: {exc}"
+    if done.returncode != 0:
+        first = (done.stderr or done.stdout).strip().splitlines()
+        return [], f"nvidia-smi -L exited with {done.returncode}" + (f": {first[0]}" if first else "")
+    gpus = [m.group(1) for m in re.finditer(r"^GPU (\d+):", done.stdout, re.MULTILINE)]
+    return gpus, "nvidia-smi -L"
 
 
 def _allowlist_list(text: str) -> tuple[str, ...]:

@@ -24,8 +24,8 @@ import sys
 from supervisor.config import ConfigError, Settings, load_settings
 from supervisor.logs import setup_logging
 from supervisor.metrics import WorkerMetrics
+from supervisor.supervision.pool import ComfyPool
 from supervisor.supervision.ports import first_port_problem
-from supervisor.supervision.supervisor import ComfySupervisor
 
 log = logging.getLogger("supervisor.main")
 
@@ -52,7 +52,9 @@ def main() -> int:
         return EXIT_CONFIG
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # until a front door installs its own handling
     metrics = WorkerMetrics(enabled=settings.metrics_enabled)
-    supervisor = ComfySupervisor(settings, metrics)
+    if settings.instances_note:
+        log.info("%d ComfyUI instance(s): %s", settings.instances, settings.instances_note)
+    supervisor = ComfyPool(settings, metrics)
     supervisor.start()
     if settings.worker_mode == "runpod":
         from supervisor.api.runpod_worker import (

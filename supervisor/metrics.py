@@ -7,9 +7,9 @@ front doors serve the registry (``GET /metrics``), so it sits below all of them.
 recording call returns at once and nothing is served.
 
 The families and their labels are a public contract (dashboards and alerts use them); ``docs/operations.md``
-lists each with a PromQL example. ``instance`` is ``"0"`` while the worker runs one ComfyUI. Every labelled
-family is created with its known label values at zero, so ``rate()`` and ``increase()`` see a series from
-the first scrape instead of from the first event.
+lists each with a PromQL example. ``instance`` names the ComfyUI instance (``"0"``, ``"1"``..., one per
+``COMFYUI_INSTANCES``). Every labelled family is created with its known label values at zero, so ``rate()``
+and ``increase()`` see a series from the first scrape instead of from the first event.
 """
 
 from __future__ import annotations
@@ -68,9 +68,7 @@ class WorkerMetrics:
         self.gpu_total = Gauge("comfyui_worker_gpu_memory_total_bytes", "Device memory, as ComfyUI's "
                                "/system_stats reports it", ["instance", "device"], registry=reg)
         self._phase = {p: self.duration.labels(phase=p) for p in PHASES}
-        self.comfyui_ready.labels(instance=INSTANCE).set(0)
-        for reason in RESTART_REASONS:
-            self.restarts.labels(instance=INSTANCE, reason=reason)
+        self.declare_instance(INSTANCE)
         if enabled:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
@@ -115,19 +113,25 @@ class WorkerMetrics:
 
     # --- the supervisor -------------------------------------------------------------------------------
 
-    def comfyui_serving(self, serving: bool) -> None:
-        if self.enabled:
-            self.comfyui_ready.labels(instance=INSTANCE).set(1 if serving else 0)
+    def declare_instance(self, instance: str) -> None:
+        """A ComfyUI instance exists: its readiness and restart series exist (at zero) from now on."""
+        self.comfyui_ready.labels(instance=instance).set(0)
+        for reason in RESTART_REASONS:
+            self.restarts.labels(instance=instance, reason=reason)
 
-    def comfyui_started(self, seconds: float) -> None:
+    def comfyui_serving(self, serving: bool, instance: str = INSTANCE) -> None:
         if self.enabled:
-            self.start_seconds.labels(instance=INSTANCE).set(seconds)
+            self.comfyui_ready.labels(instance=instance).set(1 if serving else 0)
 
-    def comfyui_restarted(self, reason: str) -> None:
+    def comfyui_started(self, seconds: float, instance: str = INSTANCE) -> None:
         if self.enabled:
-            self.restarts.labels(instance=INSTANCE, reason=reason).inc()
+            self.start_seconds.labels(instance=instance).set(seconds)
 
-    def devices(self, devices: Iterable[Mapping[str, Any]]) -> None:
+    def comfyui_restarted(self, reason: str, instance: str = INSTANCE) -> None:
+        if self.enabled:
+            self.restarts.labels(instance=instance, reason=reason).inc()
+
+    def devices(self, devices: Iterable[Mapping[str, Any]], instance: str = INSTANCE) -> None:
         """Device memory from ``/system_stats``'s ``devices`` (``vram_total``, ``vram_free`` in bytes)."""
         if not self.enabled:
             return
@@ -136,8 +140,8 @@ class WorkerMetrics:
             if not isinstance(total, (int, float)) or not isinstance(free, (int, float)):
                 continue
             name = device_label(dev)
-            self.gpu_total.labels(instance=INSTANCE, device=name).set(total)
-            self.gpu_used.labels(instance=INSTANCE, device=name).set(max(total - free, 0))
+            self.gpu_total.labels(instance=instance, device=name).set(total)
+            self.gpu_used.labels(instance=instance, device=name).set(max(total - free, 0))
 
     # --- serving --------------------------------------------------------------------------------------
 

@@ -102,3 +102,73 @@ def test_front_door_limits_have_defaults_and_refuse_nonsense() -> None:
         load_settings({"HEADER_TIMEOUT_S": "0", "BODY_TIMEOUT_S": "-1", "MAX_CONNECTIONS": "0", "MAX_INPUT_PIXELS": "x"})
     assert [p.split("=")[0] for p in info.value.problems] == ["MAX_INPUT_PIXELS", "HEADER_TIMEOUT_S", "BODY_TIMEOUT_S",
                                                              "MAX_CONNECTIONS"]
+
+
+# --- COMFYUI_INSTANCES ------------------------------------------------------------------------------------
+
+
+def test_one_instance_by_default_leaves_comfyui_as_it_was() -> None:
+    s = load_settings({"DATA_DIR": "/d", "CUDA_VISIBLE_DEVICES": "3"})
+    assert s.instance_gpus == (None,) and s.instances == 1 and s.max_concurrency == 1
+    assert s.for_instance(0) is s  # same port, same folders, the worker's own CUDA_VISIBLE_DEVICES
+
+
+@pytest.mark.parametrize("value,visible,gpus", [
+    ("2", None, ("0", "1")),
+    ("3", "4,5", ("4", "5", "4")),  # the visible GPUs, in turn
+    ("0,0", None, ("0", "0")),  # two instances sharing GPU 0
+    ("1,3", None, ("1", "3")),
+    ("3,", None, ("3",)),  # a list of one GPU id (a bare 3 is three instances)
+    ("GPU-8f3a2b1c-aaaa,MIG-1/2/3", None, ("GPU-8f3a2b1c-aaaa", "MIG-1/2/3")),
+    ("auto", "2,3", ("2", "3")),
+])
+def test_instances_one_per_gpu(value: str, visible: str | None, gpus: tuple[str, ...]) -> None:
+    env = {"COMFYUI_INSTANCES": value, "COMFYUI_PORT": "9000", "DATA_DIR": "/d", "PATH": "/nonexistent"}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    s = load_settings(env)
+    assert s.instance_gpus == gpus and s.max_concurrency == len(gpus) and s.jobs_per_instance == 1
+    last = s.for_instance(len(gpus) - 1)
+    if len(gpus) > 1:
+        assert last.comfyui_port == 9000 + len(gpus) - 1 and last.comfyui_url.endswith(f":{last.comfyui_port}")
+        assert last.data_dir == Path(f"/d/instance-{len(gpus) - 1}") and last.state_file is None
+        assert last.child_env["CUDA_VISIBLE_DEVICES"] == gpus[-1]
+
+
+def test_max_concurrency_is_shared_out_over_the_instances() -> None:
+    s = load_settings({"COMFYUI_INSTANCES": "2", "MAX_CONCURRENCY": "3"})
+    assert s.max_concurrency == 3 and s.jobs_per_instance == 2
+
+
+def test_auto_asks_nvidia_smi_and_falls_back_to_one_instance(tmp_path: Path) -> None:
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A100 (UUID: GPU-0)'\necho 'GPU 1: NVIDIA A100 (UUID: GPU-1)'\n")
+    tool.chmod(0o755)
+    s = load_settings({"COMFYUI_INSTANCES": "auto", "PATH": str(tmp_path)})
+    assert s.instance_gpus == ("0", "1") and "2 GPU(s) from nvidia-smi -L" in s.instances_note
+    none = load_settings({"COMFYUI_INSTANCES": "auto", "PATH": str(tmp_path / "empty")})
+    assert none.instance_gpus == (None,) and "no nvidia-smi on PATH" in none.instances_note
+    hidden = load_settings({"COMFYUI_INSTANCES": "auto", "PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
+    assert hidden.instance_gpus == (None,) and "no GPU visible" in hidden.instances_note
+    tool.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    broken = load_settings({"COMFYUI_INSTANCES": "auto", "PATH": str(tmp_path)})
+    assert broken.instance_gpus == (None,) and "exited with 9: NVIDIA-SMI has failed" in broken.instances_note
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "0;1", "a,b", "-1"])
+def test_bad_instances_say_what_is_accepted(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"COMFYUI_INSTANCES": value})
+    assert f"COMFYUI_INSTANCES={value!r} is not valid; accepted: 1 (the default), a number of instances" in str(info.value)
+
+
+def test_the_api_port_must_not_be_one_of_comfyuis() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"COMFYUI_INSTANCES": "3", "COMFYUI_PORT": "8188", "API_PORT": "8190"})
+    assert "API_PORT=8190 and ComfyUI's ports 8188-8190 (COMFYUI_PORT=8188, 3 instances) overlap" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_settings({"WORKER_MODE": "runpod", "COMFYUI_INSTANCES": "2", "COMFYUI_PORT": "9000", "METRICS_PORT": "9001"})
+    assert "METRICS_PORT=9001 and ComfyUI's ports 9000-9001 (COMFYUI_PORT=9000, 2 instances) overlap" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_settings({"COMFYUI_INSTANCES": "4", "COMFYUI_PORT": "65534"})
+    assert "COMFYUI_PORT=65534 with 4 instances needs ports up to 65537" in str(info.value)

@@ -189,12 +189,17 @@ def test_bad_requests_are_400_and_unknown_jobs_404(w: ApiWorker) -> None:
 def test_health_has_runpods_shape_and_the_supervisor_status(w: ApiWorker) -> None:
     status, body = w.api.get("/health", key=None)
     assert status == 200
-    assert set(body) == {"jobs", "workers", "comfyui"}
+    assert set(body) == {"jobs", "workers", "comfyui", "instances"}
     assert set(body["jobs"]) >= {"completed", "failed", "inProgress", "inQueue"}
     assert set(body["workers"]) >= {"idle", "running"}
     assert body["workers"]["idle"] + body["workers"]["running"] == 1
     assert body["comfyui"]["state"] == "ready" and body["comfyui"]["pid"]
     assert body["jobs"]["completed"] >= 0
+    # one ComfyUI instance (the default): the same process, its own job counts
+    [one] = body["instances"]
+    assert one["instance"] == "0" and one["pid"] == body["comfyui"]["pid"] and one["state"] == "ready"
+    assert one["port"] == int(w.env["COMFYUI_PORT"]) and one["gpu"] is None
+    assert one["jobs"]["completed"] <= body["jobs"]["completed"] and one["jobs"]["inProgress"] >= 0
 
 
 def test_stream_gives_progress_items_then_the_output(w: ApiWorker) -> None:

@@ -51,7 +51,7 @@ from supervisor.api.probes import add_probe_routes, build_probe_app
 from supervisor.api.workflows import WorkflowLibrary
 from supervisor.comfy.status import State
 from supervisor.config import Settings
-from supervisor.jobs.engine import JobEngine
+from supervisor.jobs.dispatch import InstanceDispatcher
 from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.api")
@@ -81,8 +81,8 @@ async def serve(settings: Settings, supervisor: Any, metrics: WorkerMetrics | No
         loop.add_signal_handler(sig, stop.set)
     journal = await Journal.open(settings.data_dir / "jobs.sqlite3")
     library = WorkflowLibrary.load(settings.workflows_dir)
-    engine = JobEngine(settings, supervisor, metrics)
-    service = JobService(settings, supervisor, engine, journal, library, metrics)
+    dispatcher = InstanceDispatcher.for_handles(settings, supervisor.instances, metrics)
+    service = JobService(settings, supervisor, dispatcher, journal, library, metrics)
     app = build_app(service, settings)
     throttle = LogThrottle(log)
     quiet_accept_errors(loop, throttle)
@@ -105,9 +105,9 @@ async def serve(settings: Settings, supervisor: Any, metrics: WorkerMetrics | No
         return EXIT_FAILED
     await service.start()
     shown = f"[{settings.api_host}]" if ":" in settings.api_host else settings.api_host
-    log.info("API listening on http://%s:%d (auth: %s; %d named workflow(s); concurrency %d)", shown,
-             settings.api_port, "bearer token" if settings.api_key else "none", len(library.workflows),
-             settings.max_concurrency)
+    log.info("API listening on http://%s:%d (auth: %s; %d named workflow(s); concurrency %d; %d ComfyUI "
+             "instance(s))", shown, settings.api_port, "bearer token" if settings.api_key else "none",
+             len(library.workflows), settings.max_concurrency, settings.instances)
     if settings.health_port is not None:
         log.info("probes (/ping, /health, /ready) also on http://%s:%d (PORT_HEALTH)", shown, settings.health_port)
     finished = asyncio.ensure_future(asyncio.to_thread(supervisor.wait_finished))
@@ -127,7 +127,7 @@ async def serve(settings: Settings, supervisor: Any, metrics: WorkerMetrics | No
     await runner.cleanup()
     await probes.cleanup()
     throttle.close()
-    await engine.close()
+    await dispatcher.close()
     await journal.close()
     await asyncio.to_thread(supervisor.stop)
     finished.cancel()

@@ -3,7 +3,8 @@
 It knows nothing of HTTP: the routes (:mod:`supervisor.api.http_routes`, :mod:`supervisor.api.deploy`) call
 ``submit``, ``body``, ``wait``, ``cancel``, ``stream``, ``purge_queue`` and ``health``. Jobs are journaled
 (:mod:`supervisor.api.journal`) so nothing is lost across a restart; up to ``MAX_CONCURRENCY`` run at once, at most
-``MAX_QUEUE`` wait, finished ones are kept ``JOB_RETENTION_S``.
+``MAX_QUEUE`` wait, finished ones are kept ``JOB_RETENTION_S``. One queue feeds every ComfyUI instance: a runner
+takes the next job once a free serving instance is there (:mod:`supervisor.jobs.dispatch`).
 
 SIGTERM: no new jobs, the queue is kept for the next start, running jobs get ``SHUTDOWN_GRACE_S`` to finish; any
 still running then is FAILED saying so.
@@ -45,6 +46,8 @@ from supervisor.api.workflows import WorkflowLibrary, prepare_input
 from supervisor.comfy.status import State
 from supervisor.config import Settings
 from supervisor.errors import InternalError, JobError
+from supervisor.jobs.dispatch import Instance, InstanceDispatcher
+from supervisor.jobs.engine import JobEngine
 from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.api")
@@ -107,11 +110,12 @@ def job_body(rec: JobRecord) -> dict[str, Any]:
 class JobService:
     """The queue, the runners, the journal and the webhooks behind the API."""
 
-    def __init__(self, settings: Settings, supervisor: Any, engine: Any, journal: Journal,
+    def __init__(self, settings: Settings, supervisor: Any, engine: JobEngine | InstanceDispatcher, journal: Journal,
                  library: WorkflowLibrary, metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
-        self.supervisor = supervisor
-        self.engine = engine
+        self.supervisor = supervisor  # the worker's status as a whole (the pool of instances)
+        self.dispatcher = engine if isinstance(engine, InstanceDispatcher) else InstanceDispatcher([engine])
+        self.engine = self.dispatcher.instances[0].engine  # for what any instance can answer (/info's version)
         self.journal = journal
         self.library = library
         self.jobs: dict[str, Job] = {}
@@ -293,6 +297,7 @@ class JobService:
         running = self.running()
         serving = status.state.serving and self.accepting
         slots = self.settings.max_concurrency
+        instances = self.dispatcher.describe()
         body = {
             "jobs": {"completed": counts.get(COMPLETED, 0),
                      "failed": sum(counts.get(s, 0) for s in (FAILED, "TIMED_OUT")),
@@ -302,54 +307,71 @@ class JobService:
                         "ready": slots if serving else 0, "throttled": 0,
                         "unhealthy": slots if status.state is State.FAILED else 0},
             "comfyui": status.to_dict(),
+            "instances": instances,
         }
         return (503 if status.state is State.FAILED else 200), body
 
     # --- running jobs ----------------------------------------------------------------------------------
 
     async def _runner(self, n: int) -> None:
+        """Take the next job once there is one and a free serving instance to run it on; run it there."""
         while not self.stopping:
-            if not await self._wait_serving():
+            if not await self._until_queued():
                 return
-            async with self._wakeup:
-                while not self.queue and not self.stopping:
-                    await self._wakeup.wait()
-                if self.stopping:
-                    return
-                job = self.jobs.get(self.queue.popleft())
-            if job is None or job.record.status != IN_QUEUE:
+            instance = await self._claim_instance()
+            if instance is None:
+                return
+            job = self._next_job()
+            if job is None:  # another runner took it meanwhile
+                self.dispatcher.release(instance, None)
                 continue
             try:
-                await self._run(job)
+                await self._run(job, instance)
             except Exception:  # noqa: BLE001 - e.g. the journal's disk is full: this runner must go on
                 log.exception("runner %d: job %s could not be run or recorded", n, job.id)
                 job.record.status, job.record.error = FAILED, "internal error of the worker (see its log)"
                 job.record.finished_at = time.time()
                 self._count(job.record)
                 job.done.set()
+            finally:
+                self.dispatcher.release(instance, job.record.status)
 
-    async def _wait_serving(self) -> bool:
-        """Jobs stay IN_QUEUE while ComfyUI starts or restarts; False when the worker is ending."""
+    async def _until_queued(self) -> bool:
+        """Until a job waits in the queue; False when the worker is ending."""
+        async with self._wakeup:
+            while not self.queue and not self.stopping:
+                await self._wakeup.wait()
+        return not self.stopping
+
+    def _next_job(self) -> Job | None:
+        while self.queue:
+            job = self.jobs.get(self.queue.popleft())
+            if job is not None and job.record.status == IN_QUEUE:
+                return job
+        return None
+
+    async def _claim_instance(self) -> Instance | None:
+        """Jobs stay IN_QUEUE while no instance is free and serving (e.g. ComfyUI restarts); None when ending."""
         while not self.stopping:
             try:
-                await self.supervisor.wait_ready(5.0)
-                return True
+                return await self.dispatcher.claim(5.0)
             except TimeoutError:
                 continue
-            except RuntimeError:  # failed or stopping: main() ends the worker
-                return False
-        return False
+            except RuntimeError:  # every instance failed, or stopping: main() ends the worker
+                return None
+        return None
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, instance: Instance) -> None:
         rec = job.record
         if job.cancel_requested:  # cancelled between leaving the queue and starting
             await self._finish(job, Outcome(CANCELLED))
             return
         rec.status, rec.started_at = IN_PROGRESS, time.time()
         self.metrics.phase("queue", rec.started_at - rec.created_at)
-        job.task = asyncio.create_task(self._execute(job), name=f"job-{rec.id}")
+        job.task = asyncio.create_task(self._execute(job, instance.engine), name=f"job-{rec.id}")
         await self.journal.started(rec.id, rec.started_at)
-        log.info("job %s started (waited %.2f s in the queue)", rec.id, rec.started_at - rec.created_at)
+        on = f" on ComfyUI instance {instance.label}" if len(self.dispatcher.instances) > 1 else ""
+        log.info("job %s started%s (waited %.2f s in the queue)", rec.id, on, rec.started_at - rec.created_at)
         await asyncio.wait({job.task})
         if job.task.cancelled():
             if job.cancel_requested:
@@ -363,7 +385,7 @@ class JobService:
             outcome = job.task.result()
         await self._finish(job, outcome)
 
-    async def _execute(self, job: Job) -> Outcome:
+    async def _execute(self, job: Job, engine: JobEngine) -> Outcome:
         rec = job.record
         fmt = requested_format(rec.input, self.settings.response_format)
         try:
@@ -371,7 +393,7 @@ class JobService:
             for hook in self.input_hooks:
                 job_input = await hook(job_input, job)
             request = prepare_input(job_input, self.library)
-            result = await self.engine.run_job(rec.id, request, lambda event: self._progress(job, event))
+            result = await engine.run_job(rec.id, request, lambda event: self._progress(job, event))
             outcome = success(result, result.response_format or fmt)
         except JobError as err:
             outcome = failure(err, fmt)

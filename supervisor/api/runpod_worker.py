@@ -1,7 +1,8 @@
 """The RunPod front door: the SDK's own worker loop (``runpod.serverless.start``) with an async handler.
 
-* Each job waits up to ``READY_WAIT_S`` for ComfyUI to serve, then runs on the job engine; progress goes out
-  through ``runpod.serverless.progress_update`` (throttled by ``PROGRESS_INTERVAL_S``).
+* Each job waits up to ``READY_WAIT_S`` for a free serving ComfyUI instance (:mod:`supervisor.jobs.dispatch`),
+  then runs on that instance's job engine; progress goes out through ``runpod.serverless.progress_update``
+  (throttled by ``PROGRESS_INTERVAL_S``).
 * The handler returns the response format's value (:mod:`supervisor.api.formats`); a failure is returned as
   ``{"error": message}`` (the SDK marks the job FAILED with exactly that string), never raised (a raised
   exception becomes a JSON-encoded traceback). Every return value is checked to be JSON, and text in it that
@@ -9,7 +10,7 @@
   holding such text (a lone surrogate) or nested too deep fails at once, naming the field.
 * The SDK cancels a stopped job's task; the engine turns that ``CancelledError`` into an interrupt (or a
   queue removal) in ComfyUI and cleans up; no result is posted, as the SDK intends.
-* ``MAX_CONCURRENCY`` through ``concurrency_modifier``; ``REFRESH_WORKER=true`` through the SDK's
+* ``MAX_CONCURRENCY`` (by default one job per ComfyUI instance) through ``concurrency_modifier``; ``REFRESH_WORKER=true`` through the SDK's
   ``refresh_worker`` (every result carries ``stopPod: true`` and the worker exits 0 after its first job).
 * SIGTERM/SIGINT are the SDK's: it stops taking jobs, lets the running ones finish and post, and returns.
 * A ``failed`` supervisor (crash loop) ends the worker with exit 1: the handler stops the SDK's loop the way
@@ -54,13 +55,13 @@ class RunPodHandler:
 
     def __init__(self, settings: Settings, supervisor: Any, library: WorkflowLibrary,
                  metrics: WorkerMetrics | None = None) -> None:
-        from supervisor.jobs.engine import JobEngine
+        from supervisor.jobs.dispatch import InstanceDispatcher
 
         self.settings = settings
-        self.supervisor = supervisor
+        self.supervisor = supervisor  # the pool of ComfyUI instances
         self.library = library
         self.metrics = metrics or WorkerMetrics.disabled()
-        self.engine = JobEngine(settings, supervisor, self.metrics)
+        self.dispatcher = InstanceDispatcher.for_handles(settings, supervisor.instances, self.metrics)
         self.failed = threading.Event()
         self.running = 0
         self.metrics.front_door("runpod")
@@ -99,15 +100,29 @@ class RunPodHandler:
         return value
 
     async def _run(self, job: dict[str, Any], job_id: str, raw: Any, fmt: str) -> Outcome:
+        problem = json_problem(raw, "input")
+        if problem:  # the platform passes on whatever JSON the client sent
+            return failure(InvalidInputError(f"{INVALID_PREFIX}: {problem}"), fmt)
+        waited = time.monotonic()
         try:
-            problem = json_problem(raw, "input")
-            if problem:  # the platform passes on whatever JSON the client sent
-                raise InvalidInputError(f"{INVALID_PREFIX}: {problem}")
-            waited = time.monotonic()
-            await self._wait_ready()
-            self.metrics.phase("queue", time.monotonic() - waited)
+            instance = await self._claim_instance()
+        except JobError as err:
+            return failure(err, fmt)
+        self.metrics.phase("queue", time.monotonic() - waited)
+        status = "CANCELLED"
+        try:
+            outcome = await self._run_on(instance, job, job_id, raw, fmt)
+            status = outcome.status
+            return outcome
+        finally:
+            self.dispatcher.release(instance, status)
+
+    async def _run_on(self, instance: Any, job: dict[str, Any], job_id: str, raw: Any, fmt: str) -> Outcome:
+        if len(self.dispatcher.instances) > 1:
+            log.info("job %s started on ComfyUI instance %s", job_id, instance.label)
+        try:
             request = prepare_input(raw, self.library)
-            result = await self.engine.run_job(job_id, request, lambda event: self._progress(job, event))
+            result = await instance.engine.run_job(job_id, request, lambda event: self._progress(job, event))
             return success(result, result.response_format or fmt)
         except JobError as err:
             return failure(err, fmt)
@@ -117,9 +132,10 @@ class RunPodHandler:
             log.exception("job %s failed unexpectedly", job_id)
             return failure(InternalError(f"Internal error of the worker: {type(exc).__name__}: {exc}"), fmt)
 
-    async def _wait_ready(self) -> None:
+    async def _claim_instance(self) -> Any:
+        """A free serving ComfyUI instance for this job, waiting up to READY_WAIT_S."""
         try:
-            await self.supervisor.wait_ready(self.settings.ready_wait_s)
+            return await self.dispatcher.claim(self.settings.ready_wait_s)
         except TimeoutError as exc:
             raise ComfyUnavailableError(f"{exc} (READY_WAIT_S)") from None
         except RuntimeError as exc:
@@ -186,8 +202,9 @@ def serve_runpod(settings: Settings, supervisor: Any, metrics: WorkerMetrics | N
 
     import runpod  # noqa: E402 - heavy (~2 s): imported only now, while ComfyUI starts
 
-    log.info("RunPod worker loop starting (concurrency %d%s; %d named workflow(s))", settings.max_concurrency,
-             ", refresh worker after each job" if settings.refresh_worker else "", len(library.workflows))
+    log.info("RunPod worker loop starting (concurrency %d%s; %d ComfyUI instance(s); %d named workflow(s))",
+             settings.max_concurrency, ", refresh worker after each job" if settings.refresh_worker else "",
+             settings.instances, len(library.workflows))
     # The SDK parses the command line for its own flags; its log level follows LOG_LEVEL (at DEBUG it logs
     # every result in full, base64 included).
     sys.argv = sys.argv[:1] + ["--rp_log_level", SDK_LOG_LEVELS.get(settings.log_level, "INFO")]
@@ -198,7 +215,7 @@ def serve_runpod(settings: Settings, supervisor: Any, metrics: WorkerMetrics | N
     }
     runpod.serverless.start(config)
     try:  # the SDK's loop is gone: close the engine's sessions on a short-lived loop of our own
-        asyncio.run(asyncio.wait_for(handler.engine.close(), 15))
+        asyncio.run(asyncio.wait_for(handler.dispatcher.close(), 15))
     except Exception as exc:  # noqa: BLE001 - only tidiness at exit
         log.debug("closing the job engine after the worker loop: %s", exc)
     failed = supervisor.status().state is State.FAILED or handler.failed.is_set()

@@ -12,6 +12,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from supervisor.config import Settings
+
 
 class State(str, enum.Enum):
     """Lifecycle of the supervised ComfyUI; see the state diagram in docs/architecture.md."""
@@ -95,6 +97,15 @@ class Status:
             "message": self.message,
             **self.extra,
         }
+
+
+def describe_instance(label: str, settings: Settings, status: Status) -> dict[str, Any]:
+    """One ComfyUI instance as the worker reports it (``/health``, the state file): which one, on which GPU
+    (its ``CUDA_VISIBLE_DEVICES``; None when it has the worker's own) and port, and its supervisor's status."""
+    gpu = settings.child_env.get("CUDA_VISIBLE_DEVICES") if settings.instances > 1 else None
+    body = status.to_dict()
+    return {"instance": label, "gpu": gpu, "port": settings.comfyui_port,
+            **{k: body[k] for k in ("state", "pid", "generation", "restarts", "uptime_s", "last_exit", "message")}}
 
 
 class ComfyHandle(Protocol):

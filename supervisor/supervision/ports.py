@@ -29,6 +29,11 @@ class PortUse:
     variable: str
     host: str
     port: int
+    offset: int = 0  # ComfyUI instance i listens on COMFYUI_PORT + i
+
+    @property
+    def chosen_by(self) -> str:
+        return self.variable if not self.offset else f"{self.variable}+{self.offset}, ComfyUI instance {self.offset}"
 
 
 @dataclass(frozen=True)
@@ -42,19 +47,23 @@ class PortProblem:
     def describe(self) -> str:
         """One line: the port, what is wrong, what to change."""
         u = self.use
-        where = f"port {u.port} on {u.host or 'all addresses'} ({u.variable})"
+        where = f"port {u.port} on {u.host or 'all addresses'} ({u.chosen_by})"
         if self.error.errno == errno.EADDRINUSE:
             by = f" by {self.holder}" if self.holder else ""
-            return f"{where} is already in use{by}; stop that server, or set {u.variable} to a free port"
+            fix = f"set {u.variable} to a free port" if not u.offset else (
+                f"set {u.variable} to a port that is free with the ports after it (one per instance)")
+            return f"{where} is already in use{by}; stop that server, or {fix}"
         reason = self.error.strerror or str(self.error)
         return f"cannot listen on {where}: {reason}; set {u.variable} (or the host beside it) to one this machine can use"
 
 
 def ports_of(settings: Settings) -> list[PortUse]:
-    """What the worker listens on: ComfyUI's port on each ``--listen`` address; the API's in ``http`` mode
-    (``PORT`` and ``PORT_HEALTH`` in ``runpod-lb`` mode); ``METRICS_PORT`` in RunPod queue mode."""
+    """What the worker listens on: each ComfyUI instance's port (``COMFYUI_PORT + i``) on each ``--listen``
+    address; the API's in ``http`` mode (``PORT`` and ``PORT_HEALTH`` in ``runpod-lb`` mode); ``METRICS_PORT``
+    in RunPod queue mode."""
     hosts = [h.strip() for h in settings.comfyui_host.split(",") if h.strip()] or ["127.0.0.1"]
-    uses = [PortUse("COMFYUI_PORT", host, settings.comfyui_port) for host in hosts]
+    uses = [PortUse("COMFYUI_PORT", host, settings.comfyui_port + i, i)
+            for i in range(settings.instances) for host in hosts]
     if settings.worker_mode == "http":
         uses.append(PortUse("API_PORT", settings.api_host, settings.api_port))
     elif settings.worker_mode == "runpod-lb":

@@ -50,9 +50,14 @@ IMPORT_FAILURE_MARKERS = ("IMPORT FAILED", "Cannot import ")
 class ComfySupervisor:
     """Starts, health-checks, restarts and stops ComfyUI. Every public method is safe from any thread."""
 
-    def __init__(self, settings: Settings, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: WorkerMetrics | None = None, instance: str = "0") -> None:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics.disabled()
+        self.instance = instance  # the ``instance`` label; settings are this instance's (Settings.for_instance)
+        self.metrics.declare_instance(instance)
+        # With several instances every log line says which one it is about.
+        self._who = "ComfyUI" if settings.instances == 1 else f"ComfyUI {instance}"
+        self._line_prefix = "[comfyui]" if settings.instances == 1 else f"[comfyui {instance}]"
         self._lock = threading.Lock()
         self._state = State.STARTING
         self._generation = 0
@@ -73,7 +78,7 @@ class ComfySupervisor:
         self._stop_event: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
-        self._state_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-file")
+        self._state_file = StateFileWriter(settings.state_file)
 
     # ------------------------------------------------------------------------------------------------
     # Thread-safe API
@@ -88,12 +93,13 @@ class ComfySupervisor:
         if self._thread is not None:
             raise RuntimeError("the supervisor was already started")
         self._write_state_file(self.status())
-        self._thread = threading.Thread(target=self._thread_main, name="comfy-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._thread_main, name=f"comfy-supervisor-{self.instance}",
+                                        daemon=True)
         self._thread.start()
         atexit.register(self.stop)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop ComfyUI (SIGINT, SIGTERM, SIGKILL on the tree) and the supervisor thread. Blocking; idempotent."""
+    def request_stop(self) -> None:
+        """Start stopping ComfyUI and return at once (a pool asks every instance before waiting for any)."""
         loop, event = self._loop, self._stop_event
         if loop is not None and event is not None and not self._done.is_set():
             self._set_state(State.STOPPING, "stopping ComfyUI")
@@ -101,11 +107,15 @@ class ComfySupervisor:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:
                 pass
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop ComfyUI (SIGINT, SIGTERM, SIGKILL on the tree) and the supervisor thread. Blocking; idempotent."""
+        self.request_stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             limit = timeout if timeout is not None else self.settings.stop_timeout_s * 2 + 15
             self._done.wait(limit)
             self._thread.join(1.0)
-        self._state_writer.shutdown(wait=True)
+        self._state_file.close()
 
     def begin_shutdown(self) -> None:
         """Refuse new jobs from now on (state STOPPING) while running jobs drain; ComfyUI keeps running."""
@@ -196,8 +206,8 @@ class ComfySupervisor:
                 self._ready_waiters.clear()
         if old is not state:
             level = logging.ERROR if state is State.FAILED else logging.INFO
-            log.log(level, "ComfyUI %s -> %s: %s", old.value, state.value, message)
-            self.metrics.comfyui_serving(state.serving)
+            log.log(level, "%s %s -> %s: %s", self._who, old.value, state.value, message)
+            self.metrics.comfyui_serving(state.serving, self.instance)
         self._write_state_file(status)
         for listener in list(self._listeners):  # before the waiters: whoever wakes up sees listeners up to date
             try:
@@ -222,15 +232,7 @@ class ComfySupervisor:
             _resolve(loop, fut, info)
 
     def _write_state_file(self, status: Status) -> None:
-        """The state file lets a HEALTHCHECK read the state in either worker mode; written off the loop, in order."""
-        path = self.settings.state_file
-        if path is None:
-            return
-        body = {**status.to_dict(), "worker_pid": os.getpid(), "updated_at": time.time()}
-        try:
-            self._state_writer.submit(_atomic_write_json, path, body)
-        except RuntimeError:  # executor shut down at exit
-            _atomic_write_json(path, body)
+        self._state_file.write(status.to_dict())
 
     # ------------------------------------------------------------------------------------------------
     # The supervisor's own thread and loop
@@ -314,7 +316,7 @@ class ComfySupervisor:
             generation = self._generation
             if generation > 1:
                 self._restarts += 1
-                self.metrics.comfyui_restarted(restart_reason(self._last_exit))
+                self.metrics.comfyui_restarted(restart_reason(self._last_exit), self.instance)
             self._import_failures = []
             self._missing = ()
         try:
@@ -331,7 +333,7 @@ class ComfySupervisor:
             return info
         with self._lock:
             self._pid, self._spawned_at = proc.pid, time.monotonic()
-        log.info("started ComfyUI (pid %d, generation %d): %s", proc.pid, generation, " ".join(self._argv()))
+        log.info("started %s (pid %d, generation %d): %s", self._who, proc.pid, generation, " ".join(self._argv()))
         try:
             return await self._supervise_process(proc, generation, required)
         finally:
@@ -425,7 +427,7 @@ class ComfySupervisor:
             return None
         delay = 0.0 if count == 1 else min(s.restart_backoff_s * 2 ** (count - 2), s.restart_backoff_max_s)
         message = f"{what}; restarting in {delay:g} s (failure {count} of {s.crash_loop_max})"
-        log.warning("%s", message)
+        log.warning("%s%s", "" if s.instances == 1 else f"instance {self.instance}: ", message)
         self._set_state(State.RESTARTING, message)
         return delay
 
@@ -448,7 +450,7 @@ class ComfySupervisor:
             failures = list(self._import_failures)
             spawned = self._spawned_at
         if spawned is not None:
-            self.metrics.comfyui_started(time.monotonic() - spawned)
+            self.metrics.comfyui_started(time.monotonic() - spawned, self.instance)
         if missing or warmup_error:
             parts = []
             if missing:
@@ -514,7 +516,7 @@ class ComfySupervisor:
                 ok = False
             failures = 0 if ok else failures + 1
             if not ok:
-                log.warning("ComfyUI health probe failed (%d of %d)", failures, s.health_failures)
+                log.warning("%s health probe failed (%d of %d)", self._who, failures, s.health_failures)
 
     def _record_devices(self, body: bytes) -> None:
         """GPU memory for the metrics, from the /system_stats answer the probe already has (no extra request)."""
@@ -523,14 +525,14 @@ class ComfySupervisor:
         except (ValueError, AttributeError):
             return
         if isinstance(devices, list):
-            self.metrics.devices(d for d in devices if isinstance(d, dict))
+            self.metrics.devices((d for d in devices if isinstance(d, dict)), self.instance)
 
     def _on_line(self, stream: str, line: str) -> None:
         self._ring.append(line)
         if any(marker in line for marker in IMPORT_FAILURE_MARKERS):
             with self._lock:
                 self._import_failures.append(line.strip())
-        comfy_log.info("[comfyui] %s", line)
+        comfy_log.info("%s %s", self._line_prefix, line)
 
     def _stopping(self) -> bool:
         return self._stop_event is not None and self._stop_event.is_set()
@@ -556,6 +558,33 @@ def restart_reason(last_exit: CrashInfo | None) -> str:
     if reason.startswith("could not be started"):
         return "spawn_failed"
     return "exited"
+
+
+class StateFileWriter:
+    """``STATE_FILE``: lets a HEALTHCHECK read the state in either worker mode; written off the caller's thread,
+    in order, atomically, with the worker's pid (so a file left by an earlier run is recognised)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-file")
+
+    def write(self, body: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        """Write ``body``; a callable is called at writing time, so when several threads report changes, the
+        last write holds the state after the last change whatever order they came in."""
+        if self.path is None:
+            return
+        try:
+            self._executor.submit(self._write_now, self.path, body)
+        except RuntimeError:  # executor shut down at exit
+            self._write_now(self.path, body)
+
+    @staticmethod
+    def _write_now(path: Path, body: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        content = body() if callable(body) else body
+        _atomic_write_json(path, {**content, "worker_pid": os.getpid(), "updated_at": time.time()})
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], value: Any) -> None:

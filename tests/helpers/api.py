@@ -31,6 +31,13 @@ def seed(name: str) -> Any:
     return json.loads((SEEDS / name).read_text(encoding="utf-8"))
 
 
+def seed_001_with_steps(steps: int) -> dict[str, Any]:
+    """Seed 001's request (a sampler graph) with ``steps`` sampler steps: its run time, with STANDIN_STEP_DELAY_S."""
+    out = seed("001_request.json")
+    out["input"]["workflow"]["31"]["inputs"]["steps"] = steps
+    return out
+
+
 def seed_models(*names: str) -> dict[str, list[str]]:
     table = seed("models.json")
     merged: dict[str, list[str]] = {}

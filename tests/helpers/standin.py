@@ -39,6 +39,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports nobody listens on right now (COMFYUI_PORT + i per instance)."""
+    for _ in range(200):
+        first = free_port()
+        if first + count - 1 > 65535:
+            continue
+        taken = False
+        for port in range(first + 1, first + count):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    taken = True
+                    break
+        if not taken:
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
 @dataclass
 class StandIn:
     """A running stand-in process and the directories it was given."""
