@@ -39,11 +39,15 @@ chaos: venv ## Chaos soak through the self-hosted API: 500 jobs while ComfyUI is
 
 # ------------------------------------------------------------------------------------------------ the real ComfyUI
 # ComfyUI 0.3.64 and the pinned node packs from ../shared/upstream/, in a CPU venv cached under
-# ~/.cache/comfyui-worker/real-comfyui/<key> (REAL_COMFYUI_CACHE, REAL_COMFYUI_UPSTREAM; docs/benchmarks.md).
+# ~/.cache/comfyui-worker/real-comfyui/<key> (REAL_COMFYUI_CACHE, REAL_COMFYUI_UPSTREAM; docs/real-comfyui.md).
 real-comfyui: venv ## Prepare the real ComfyUI for test-real and bench (cached; ~3 min and ~3 GB the first time)
 	$(PY) scripts/real_comfyui.py
 
-.PHONY: real-comfyui
+test-real: venv ## Run the real tier: the tests marked `real`, against the real ComfyUI on the CPU
+	@$(PY) scripts/real_comfyui.py --locate >/dev/null
+	$(PY) -m pytest -m real $(PYTEST_ARGS)
+
+.PHONY: real-comfyui test-real
 
 # ------------------------------------------------------------------------------------------------ the image
 # `make build` bakes ComfyUI, the pinned custom nodes (custom_nodes.txt) and the verified models (models.yaml)

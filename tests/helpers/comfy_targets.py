@@ -36,8 +36,12 @@ class ComfyTarget:
 
     @property
     def env(self) -> dict[str, str]:
-        """What the worker is told: the same two variables a user sets to point it at their ComfyUI."""
-        return {"COMFYUI_DIR": str(self.comfyui_dir), "COMFYUI_PYTHON": self.python}
+        """What the worker is told: the variables a user sets to point it at their ComfyUI (and, for the real
+        one, a start timeout that leaves room for a busy machine)."""
+        env = {"COMFYUI_DIR": str(self.comfyui_dir), "COMFYUI_PYTHON": self.python}
+        if self.is_real:
+            env["COMFYUI_START_TIMEOUT_S"] = str(int(self.start_timeout_s))
+        return env
 
     @property
     def start_timeout_s(self) -> float:
