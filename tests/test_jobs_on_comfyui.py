@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import hashlib
 import io
 import time
@@ -50,11 +49,7 @@ async def run(rig: Rig, body: Any, job_id: str = "job") -> JobResult:
 
 
 def sdxl(name: str = "sdxl_plain", seed: int = 42, steps: int = 4, prefix: str | None = None) -> dict[str, Any]:
-    graph = copy.deepcopy(workflow(name))
-    graph["5"]["inputs"].update(seed=seed, steps=steps)
-    if prefix is not None:
-        graph["7"]["inputs"]["filename_prefix"] = prefix
-    return graph
+    return workflow(name, seed, steps, prefix)
 
 
 def picture(result: JobResult) -> Image.Image:
