@@ -27,8 +27,8 @@ dev: venv ## Run the worker on this machine (no GPU) against the stand-in ComfyU
 	COMFYUI_DIR=tests/standin COMFYUI_ARGS="--cpu" DATA_DIR=data/dev MODELS_DIR=data/dev/models \
 	WORKER_MODE=http STATE_FILE=data/dev/state.json $(PY) -m supervisor
 
-bench: venv ## Benchmarks: prints a table, writes bench.json and docs/benchmarks.md (QUICK=1 for the CI version)
-	@echo ">> benchmarks against $${COMFYUI_DIR:-the stand-in ComfyUI}$(if $(QUICK), (quick))"
+bench: venv ## Benchmarks on the stand-in and the real ComfyUI: a table, bench.json, docs/benchmarks.md (QUICK=1: CI)
+	@echo ">> benchmarks against the stand-in and (when prepared: make real-comfyui) the real ComfyUI$(if $(QUICK), (quick))"
 	$(PY) scripts/bench.py $(if $(QUICK),--quick)
 
 chaos: venv ## Chaos soak through the self-hosted API: 500 jobs while ComfyUI is killed and stopped (QUICK=1: ~60 jobs)
