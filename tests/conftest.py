@@ -13,19 +13,23 @@ from tests.helpers.comfy_targets import STANDIN_TARGET, ComfyTarget, real_target
 from tests.helpers.standin import StandIn, start_standin
 
 
-@pytest.fixture
-def standin_factory(tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
-    """``standin_factory(env=..., models=..., extra_args=..., custom_node_dirs=..., wait=...)``."""
+def stopped_at_teardown(start: Callable[..., StandIn]) -> Iterator[Callable[..., StandIn]]:
+    """A factory fixture's body: yields ``start`` and stops every ComfyUI it started once the test is done."""
     started: list[StandIn] = []
 
     def factory(**kwargs) -> StandIn:
-        sd = start_standin(tmp_path, **kwargs)
-        started.append(sd)
-        return sd
+        started.append(start(**kwargs))
+        return started[-1]
 
     yield factory
     for sd in started:
         sd.stop()
+
+
+@pytest.fixture
+def standin_factory(tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
+    """``standin_factory(env=..., models=..., extra_args=..., custom_node_dirs=..., wait=...)``."""
+    yield from stopped_at_teardown(lambda **kwargs: start_standin(tmp_path, **kwargs))
 
 
 @pytest.fixture
@@ -54,16 +58,7 @@ def comfy(request: pytest.FixtureRequest) -> ComfyTarget:
 def comfy_factory(comfy: ComfyTarget, tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
     """``standin_factory`` for the ``comfy`` target: the stand-in or the real ComfyUI, started the same way
     (the protocol conformance checks use it, so they run against both)."""
-    started: list[StandIn] = []
-
-    def factory(**kwargs) -> StandIn:
-        sd = start_comfyui(comfy, tmp_path, **kwargs)
-        started.append(sd)
-        return sd
-
-    yield factory
-    for sd in started:
-        sd.stop()
+    yield from stopped_at_teardown(lambda **kwargs: start_comfyui(comfy, tmp_path, **kwargs))
 
 
 @pytest.fixture
