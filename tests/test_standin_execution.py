@@ -50,11 +50,12 @@ async def _burn_numbers(session: aiohttp.ClientSession, sd: StandIn, count: int)
 
 
 def _sorted_current_outputs(value):
-    """``current_outputs`` is ``list(set)`` in ComfyUI: hash order, different in every process."""
+    """``current_outputs`` and an interruption's or error's ``executed`` are ``list(set)`` in ComfyUI: hash
+    order, different in every process."""
     if isinstance(value, list):
         return [_sorted_current_outputs(v) for v in value]
     if isinstance(value, dict):
-        return {k: (sorted(v) if k == "current_outputs" else _sorted_current_outputs(v)) for k, v in value.items()}
+        return {k: (sorted(v) if k in ("current_outputs", "executed") else _sorted_current_outputs(v)) for k, v in value.items()}
     return value
 
 
