@@ -6,7 +6,6 @@ folder, sha256 and size) as JSON: the image build keeps it for its build record 
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -14,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..common import Secrets
+from ..common import Secrets, write_record
 from ..manifest import Manifest
 from .config import PROG, FetchConfig
 from .download import Fetcher
@@ -41,16 +40,12 @@ def cmd_fetch(cfg: FetchConfig, manifest: Manifest, secrets: Secrets, dry_run: b
     verified: dict[int, dict[str, Any]] = {}
     code = run_targets(cfg, p.targets, verified)
     if code == 0 and record is not None:
-        write_record(record, [verified[i] for i in sorted(verified)])
+        record_models(record, [verified[i] for i in sorted(verified)])
     return code
 
 
-def write_record(path: Path, models: list[dict[str, Any]]) -> None:
-    """The verified models as JSON, written whole or not at all (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"models": models}, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+def record_models(path: Path, models: list[dict[str, Any]]) -> None:
+    write_record(path, {"models": models})
     print(f"{PROG}: recorded {len(models)} verified model(s) in {path}", file=sys.stderr)
 
 
