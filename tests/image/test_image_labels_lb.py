@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from supervisor import __version__
+from supervisor.build_record import LABEL_ARGS
 from tests.helpers.api import Api, http_get
 from tests.image.imagekit import PACK_NAME, ROOT, GitPackServer, Hub, ImageUnderTest, dump
 
@@ -34,9 +35,10 @@ GRAPH = {"1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16,
 
 
 def our_labels(engine: Any, ref: str) -> dict[str, str]:
-    """The image's labels of the OCI and worker namespaces (a base image may bring labels of its own)."""
+    """The image's labels of the OCI and worker namespaces (a base image may bring labels of its own), without
+    the empty ones: the Dockerfile sets every label, empty when its value is unknown (labels() leaves it out)."""
     found = engine.images.get(ref).labels or {}
-    return {k: v for k, v in found.items() if k.startswith(OURS)}
+    return {k: v for k, v in found.items() if k.startswith(OURS) and v}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,8 @@ def pings(url: str, container: Any, timeout: float = 180) -> list[int]:
 def test_docker_inspect_shows_what_the_build_baked(engine: Any, image: ImageUnderTest, hub: Hub,
                                                    pack: GitPackServer) -> None:
     labels = our_labels(engine, image.ref)
+    every = engine.images.get(image.ref).labels
+    assert set(LABEL_ARGS) <= set(every), dump(every)  # all set, the unknown ones empty
 
     models = json.loads(labels["comfyui-worker.models"])
     assert models == [{"path": dest, "sha256": sha} for dest, (sha, _) in hub.files.items()], dump(labels)
