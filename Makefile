@@ -118,7 +118,8 @@ build: ## Build the image REGISTRY/IMAGE:TAG (BASE_IMAGE, COMFYUI_REF, HF_TOKEN_
 	pass=(--iidfile "$$work/labelled"); second=$$SECONDS; while IFS= read -r arg; do pass+=(--build-arg "$$arg"); done < "$$work/label-args"; \
 	$(strip $(BUILD_CMD)) > "$$work/pass2.log" 2>&1 || { cat "$$work/pass2.log" >&2; exit 1; }; \
 	if [ "$$(cat "$$work/image")" != "$$(cat "$$work/labelled")" ]; then $(BUILD_DOCKER) image rm "$$(cat "$$work/image")" > /dev/null 2>&1 || true; fi; \
-	echo ">> labelled $(IMAGE_REF): $$(grep -c '=.' "$$work/label-args") labels set in $$((SECONDS - second)) s (the whole build: $$((SECONDS - started)) s)"
+	took=$$((SECONDS - second)); [ "$$took" -gt 0 ] || took='under 1'; \
+	echo ">> labelled $(IMAGE_REF): $$(grep -c '=.' "$$work/label-args") labels set in $$took s (the whole build: $$((SECONDS - started)) s)"
 	@echo ">> built $(IMAGE_REF)"
 
 push: ## Push REGISTRY/IMAGE:TAG to its registry (`docker login` to it first)

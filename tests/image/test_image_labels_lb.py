@@ -9,11 +9,9 @@ initializing, then 200), and serving `/runsync` on `PORT`.
 
 from __future__ import annotations
 
-import http.client
 import json
 import secrets
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -23,7 +21,7 @@ import pytest
 
 from supervisor import __version__
 from supervisor.build_record import LABEL_ARGS
-from tests.helpers.api import Api, http_get
+from tests.helpers.api import Api, pings
 from tests.image.imagekit import PACK_NAME, ROOT, GitPackServer, Hub, ImageUnderTest, dump
 
 pytestmark = pytest.mark.timeout(1500)
@@ -57,7 +55,7 @@ def lb_worker(engine: Any, image: ImageUnderTest, report: Callable[[str], None])
         ports = container.attrs["NetworkSettings"]["Ports"]
         api, health = (f"http://127.0.0.1:{ports[f'{p}/tcp'][0]['HostPort']}" for p in (PORT, PORT_HEALTH))
         report(f"runpod-lb container {container.name}: PORT on {api}, PORT_HEALTH on {health}")
-        seen = pings(f"{health}/ping", container)
+        seen = pings(f"{health}/ping", running(container), timeout=180)
         report(f"/ping answered {seen}")
         yield {"api": Api(api, api_key), "health": health, "pings": seen, "container": container}
     finally:
@@ -67,25 +65,12 @@ def lb_worker(engine: Any, image: ImageUnderTest, report: Callable[[str], None])
             container.remove(force=True)
 
 
-def pings(url: str, container: Any, timeout: float = 180) -> list[int]:
-    """Every change of /ping's status from the first answer until 200."""
-    seen: list[int] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            status = http_get(url, timeout=2)[0]
-        except (OSError, http.client.HTTPException):  # not listening yet (docker's proxy resets the connection)
-            container.reload()
-            assert container.status in ("created", "running"), container.logs()[-3000:].decode(errors="replace")
-            time.sleep(0.05)
-            continue
-        if not seen or seen[-1] != status:
-            seen.append(status)
-        if status == 200:
-            return seen
-        time.sleep(0.05)
-    raise AssertionError(f"/ping never answered 200; seen {seen}\n"
-                         f"{container.logs()[-3000:].decode(errors='replace')}")
+def running(container: Any) -> Callable[[], str | None]:
+    """For pings(): None while the container runs, else its log's end."""
+    def check() -> str | None:
+        container.reload()
+        return None if container.status in ("created", "running") else container.logs()[-3000:].decode(errors="replace")
+    return check
 
 
 def test_docker_inspect_shows_what_the_build_baked(engine: Any, image: ImageUnderTest, hub: Hub,
