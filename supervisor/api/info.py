@@ -3,9 +3,8 @@
 The worker's version, ComfyUI's version (asked live when ComfyUI serves, else the build's) and commit, the custom
 node packs with their commits, the baked models with their sha256 (all from the image's build record,
 :mod:`supervisor.build_record`, with the revision, source and build time the image's BUILD_* ENV stamps on), the
-named workflows, and the image labels the record implies, so a client can
-compare a running worker with ``docker inspect``. A checkout has no build record: those parts are empty and
-``build.record`` says so.
+named workflows, and the image labels the record implies, so a client can compare a running worker with
+``docker inspect``. A checkout has no build record: those parts are empty and ``build.record`` says so.
 """
 
 from __future__ import annotations
