@@ -96,9 +96,35 @@ SECRET_FLAGS = $(if $(HF_TOKEN_FILE),--secret id=HF_TOKEN$(comma)src=$(HF_TOKEN_
 SECRET_IDS = $(strip $(if $(HF_TOKEN_FILE),HF_TOKEN) $(if $(CIVITAI_TOKEN_FILE),CIVITAI_TOKEN))
 VARIANT_BUILD_ARGS ?=
 
+# What the image says it is (its BUILD_* ENV and labels): this checkout's commit (with -dirty when tracked files
+# are modified), its `origin` URL without credentials, the build time (SOURCE_DATE_EPOCH when set; computed once,
+# so both passes of `make build` say the same). LABELS=no skips the labels pass (a --target stage has no record).
+BUILD_REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)$(if $(shell git status --porcelain --untracked-files=no 2>/dev/null),-dirty)
+BUILD_SOURCE ?= $(shell git remote get-url origin 2>/dev/null | sed -E 's|^([a-z+]+://)[^/@]*@|\1|')
+BUILD_CREATED ?= $(eval BUILD_CREATED := $$(shell date -u $(if $(SOURCE_DATE_EPOCH),-d @$(SOURCE_DATE_EPOCH)) +%Y-%m-%dT%H:%M:%SZ))$(BUILD_CREATED)
+LABELS ?= $(if $(findstring --target,$(BUILD_FLAGS)),no,yes)
+STAMP_ARGS = --build-arg BUILD_REVISION=$(BUILD_REVISION) --build-arg 'BUILD_SOURCE=$(BUILD_SOURCE)' \
+	--build-arg BUILD_CREATED=$(BUILD_CREATED)
+
+# $(call BUILD_CMD,MORE): the build, with MORE build args (the stamp of pass 1, the labels of pass 2).
 BUILD_CMD = DOCKER_BUILDKIT=1 $(BUILD_DOCKER) build --progress=$(PROGRESS) -f $(DOCKERFILE) -t $(IMAGE_REF) \
 	--build-arg BASE_IMAGE=$(BASE_IMAGE) $(if $(COMFYUI_REF),--build-arg COMFYUI_REF=$(COMFYUI_REF)) \
-	$(SECRET_FLAGS) $(VARIANT_BUILD_ARGS) $(BUILD_ARGS) $(BUILD_FLAGS) $(CONTEXT)
+	$(SECRET_FLAGS) $(VARIANT_BUILD_ARGS) $(BUILD_ARGS) $(BUILD_FLAGS) $(1) $(CONTEXT)
+# Pass 2 of `make build`: the labels, computed from the build record the image of pass 1 holds
+# (supervisor/build_record.py), set by building again: every layer cached, only the image's metadata changes.
+RECORD_IN_IMAGE = /opt/worker/build-record.json
+LABEL_PASS = set -eo pipefail; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; started=$$SECONDS; \
+	first=$$($(BUILD_DOCKER) image inspect -f '{{.Id}}' $(IMAGE_REF)); \
+	echo ">> labels: from the build record in the image ($(RECORD_IN_IMAGE)), set by a second build (every layer cached)"; \
+	$(BUILD_DOCKER) run --rm --entrypoint cat "$$first" $(RECORD_IN_IMAGE) > "$$work/record.json" \
+		|| { echo "build: the image has no readable $(RECORD_IN_IMAGE) (above), so no labels; LABELS=no builds without them" >&2; exit 1; }; \
+	$(PYTHON) -m supervisor.build_record build-args "$$work/record.json" --revision '$(BUILD_REVISION)' \
+		--source '$(BUILD_SOURCE)' --created '$(BUILD_CREATED)' > "$$work/label-args"; \
+	labels=(); while IFS= read -r arg; do labels+=(--build-arg "$$arg"); done < "$$work/label-args"; \
+	$(strip $(call BUILD_CMD,"$${labels[@]}")) > "$$work/labels.log" 2>&1 || { cat "$$work/labels.log" >&2; exit 1; }; \
+	[ "$$first" = "$$($(BUILD_DOCKER) image inspect -f '{{.Id}}' $(IMAGE_REF))" ] || $(BUILD_DOCKER) image rm "$$first" > /dev/null 2>&1 || true; \
+	took=$$((SECONDS - started)); [ "$$took" -gt 0 ] || took='under 1'; \
+	echo ">> labels: $$(grep -c '=.' "$$work/label-args") set in $$took s (docker inspect $(IMAGE_REF))"
 CONTAINER ?= comfyui-worker
 RUN_CMD = $(DOCKER) run --rm --name $(CONTAINER) $(if $(GPUS),--gpus $(GPUS)) -p $(HOST_ADDR):$(PORT):8000 \
 	--env-file $(ENV_FILE) -v $(DATA_VOLUME):/data $(RUN_FLAGS) $(IMAGE_REF)
@@ -107,7 +133,8 @@ build: ## Build the image REGISTRY/IMAGE:TAG (BASE_IMAGE, COMFYUI_REF, HF_TOKEN_
 	@for f in $(HF_TOKEN_FILE) $(CIVITAI_TOKEN_FILE); do test -r "$$f" || { echo "build: the secret file $$f cannot be read" >&2; exit 1; }; done
 	@test -n "$(BUILD_DOCKER)" || exit 1  # docker/buildkit-client.sh said why, in one line
 	@echo ">> building $(IMAGE_REF) from $(DOCKERFILE) on $(BASE_IMAGE) with $(BUILD_DOCKER) (context $(CONTEXT); secrets: $(or $(SECRET_IDS),none))"
-	$(strip $(BUILD_CMD))
+	$(strip $(call BUILD_CMD,$(STAMP_ARGS)))
+	@$(if $(call YES,$(LABELS)),$(LABEL_PASS),echo ">> no labels (LABELS=$(LABELS))")
 	@echo ">> built $(IMAGE_REF)"
 
 push: ## Push REGISTRY/IMAGE:TAG to its registry (`docker login` to it first)

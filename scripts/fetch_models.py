@@ -2,6 +2,7 @@
 """Fetch the models a models.yaml lists into a ComfyUI models tree, every byte checked against a SHA-256.
 
     fetch_models.py [fetch] [--dry-run] [--manifest F] [--models-dir D] [--cache D] [--jobs N] [--only NAME]
+                            [--record FILE]
     fetch_models.py lock    [--dry-run] [--manifest F]
     fetch_models.py check   [--manifest F]
 
@@ -58,6 +59,8 @@ def parse_args(argv: list[str], cfg: FetchConfig) -> argparse.Namespace:
             sp.add_argument("--progress", choices=PROGRESS_MODES, default=cfg.progress)
             sp.add_argument("--only", action="append", default=[], metavar="NAME",
                             help="fetch only this entry (name or folder/filename); repeatable")
+            sp.add_argument("--record", type=Path, default=None, metavar="FILE",
+                            help="after a successful fetch, write each model's path, sha256 and size as JSON here")
     if not argv or argv[0] not in ("fetch", "lock", "check", "-h", "--help"):
         argv = ["fetch", *argv]
     return p.parse_args(argv)
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 return cmd_lock(cfg, manifest, secrets, args.dry_run)
             from buildlib.models.fetch import cmd_fetch
 
-            return cmd_fetch(cfg, manifest, secrets, args.dry_run, args.only)
+            return cmd_fetch(cfg, manifest, secrets, args.dry_run, args.only, args.record)
         except ManifestError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return EXIT_INVALID

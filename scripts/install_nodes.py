@@ -2,7 +2,7 @@
 """Install the custom node packs of a custom_nodes.txt into a ComfyUI tree, then prove that every one imports.
 
     install_nodes.py --python /opt/venv/bin/python [--comfyui-dir D] [--list F] [--constraints F]
-                     [--check server|quick|none] [--only-check] [--dry-run]
+                     [--check server|quick|none] [--only-check] [--dry-run] [--record FILE]
 
 For each pack: clone at the pinned commit (branch and tag names are refused unless ALLOW_UNPINNED=true),
 install its requirements.txt and extras into ComfyUI's interpreter (``--python``, never this script's) with a
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", choices=CHECK_MODES, default=cfg.check, help=f"import check (default {cfg.check})")
     p.add_argument("--only-check", action="store_true", help="skip installing; only run the import check")
     p.add_argument("--dry-run", action="store_true", help="print the packs and exit")
+    p.add_argument("--record", type=Path, default=None, metavar="FILE",
+                   help="after a successful install, write each pack's name, URL and commit as JSON here")
     args = p.parse_args(argv)
     cfg = dataclasses.replace(cfg, comfyui_dir=args.comfyui_dir.resolve(), node_list=args.list,
                               constraints=args.constraints, check=args.check)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as exc:
         say(f"error: {exc}")
         return 2
-    return cmd_install(cfg, args.python, packs, args.only_check, args.dry_run)
+    return cmd_install(cfg, args.python, packs, args.only_check, args.dry_run, args.record)
 
 
 if __name__ == "__main__":

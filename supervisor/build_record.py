@@ -11,22 +11,40 @@ tells what is inside without running it. Format (``docs/operations.md``, "The bu
      "models": [{"name": "sdxl-base", "path": "checkpoints/sd_xl_base_1.0.safetensors", "sha256": "<64 hex>",
                  "size": 6938078334}]}
 
-Only ``format`` is required; every other key may be absent (then it is reported as unknown). Standard library
-only: the build may run this module with a bare ``python3`` (``python3 -m supervisor.build_record labels FILE``
-prints the labels as one JSON object).
+Only ``format`` is required; every other key may be absent (then it is reported as unknown). The image's file
+has no ``built_at``, ``worker.revision`` or ``worker.source``: those change with every build, so the build sets
+them last, as ENV and labels (metadata, no layer), and the worker stamps them on (:func:`stamped`).
+
+Standard library only: ``make build`` runs this module with a bare ``python3``:
+``python3 -m supervisor.build_record labels FILE`` prints the labels as one JSON object, ``build-args FILE`` the
+Dockerfile's label build args (``NAME=VALUE``, one a line); both take ``--revision``, ``--source``, ``--created``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 FORMAT = 1
 LABEL_PREFIX = "comfyui-worker."
 OCI = "org.opencontainers.image."
+# The label -> the docker/Dockerfile build arg it is set from, in its last lines. The BUILD_* ones are the
+# image's ENV too (the worker reads them, config.py), so /info and the labels say the same.
+LABEL_ARGS = {
+    OCI + "version": "LABEL_VERSION",
+    OCI + "revision": "BUILD_REVISION",
+    OCI + "source": "BUILD_SOURCE",
+    OCI + "created": "BUILD_CREATED",
+    LABEL_PREFIX + "comfyui.version": "LABEL_COMFYUI_VERSION",
+    LABEL_PREFIX + "comfyui.ref": "LABEL_COMFYUI_REF",
+    LABEL_PREFIX + "comfyui.commit": "LABEL_COMFYUI_COMMIT",
+    LABEL_PREFIX + "custom-nodes": "LABEL_CUSTOM_NODES",
+    LABEL_PREFIX + "models": "LABEL_MODELS",
+}
 
 
 class BuildRecordError(ValueError):
@@ -101,6 +119,20 @@ def labels(record: BuildRecord) -> dict[str, str]:
     return {k: v for k, v in out.items() if v}
 
 
+def stamped(record: BuildRecord, revision: str = "", source: str = "", created: str = "") -> BuildRecord:
+    """The record with what the build set at its end (BUILD_REVISION, BUILD_SOURCE, BUILD_CREATED): a given
+    value wins over the file's."""
+    worker = dict(record.worker)
+    worker.update({k: v for k, v in (("revision", revision), ("source", source)) if v})
+    return replace(record, worker=worker, built_at=created or record.built_at)
+
+
+def build_args(record: BuildRecord) -> dict[str, str]:
+    """The Dockerfile's label build args for this record (an unknown value is passed empty)."""
+    found = labels(record)
+    return {arg: found.get(key, "") for key, arg in LABEL_ARGS.items()}
+
+
 def _compact(items: list[dict[str, str]]) -> str:
     return json.dumps(items, separators=(",", ":")) if items else ""
 
@@ -143,18 +175,27 @@ def _model(item: Any, index: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "labels":
-        print("usage: python -m supervisor.build_record labels RECORD.json", file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(prog="python -m supervisor.build_record",
+                                description="the labels a build record implies (docs/operations.md)")
+    p.add_argument("command", choices=("labels", "build-args"),
+                   help="labels: one JSON object; build-args: the Dockerfile's NAME=VALUE, one a line")
+    p.add_argument("record", type=Path)
+    for name in ("revision", "source", "created"):
+        p.add_argument(f"--{name}", default="", help=f"BUILD_{name.upper()}: wins over the record's")
+    args = p.parse_args(argv)
     try:
-        record = load(Path(argv[1]))
+        record = load(args.record)
     except BuildRecordError as exc:
         print(f"build_record: {exc}", file=sys.stderr)
         return 1
     if record is None:
-        print(f"build_record: no such file: {argv[1]}", file=sys.stderr)
+        print(f"build_record: no such file: {args.record}", file=sys.stderr)
         return 1
-    print(json.dumps(labels(record), indent=1, sort_keys=True))
+    record = stamped(record, args.revision, args.source, args.created)
+    if args.command == "labels":
+        print(json.dumps(labels(record), indent=1, sort_keys=True))
+    else:
+        print("\n".join(f"{name}={value}" for name, value in build_args(record).items()))
     return 0
 
 

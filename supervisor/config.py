@@ -261,6 +261,10 @@ class Settings:
     metrics_public: bool = False
     metrics_port: int | None = None
     build_record_file: Path = Path("/opt/worker/build-record.json")
+    # What `make build` set last in the image (ENV, no layer): stamped on the build record by /info.
+    build_revision: str = ""
+    build_source: str = ""
+    build_created: str = ""
 
     # --- logging ---------------------------------------------------------------------------------------
     log_level: str = "INFO"
@@ -396,6 +400,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         metrics_public=r.boolean("METRICS_PUBLIC", False),
         metrics_port=r.optional_port("METRICS_PORT"),
         build_record_file=r.path("BUILD_RECORD_FILE", Settings.build_record_file) or Settings.build_record_file,
+        build_revision=r.string("BUILD_REVISION"),
+        build_source=r.string("BUILD_SOURCE"),
+        build_created=r.string("BUILD_CREATED"),
         log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
         child_env={k: v for k, v in r.env.items() if k not in WORKER_SECRETS},
     )

@@ -7,6 +7,7 @@ tests/hubserver/server.py, and checks the files on disk and the requests the ser
 from __future__ import annotations
 
 import hashlib
+import json
 import textwrap
 from pathlib import Path
 
@@ -440,3 +441,41 @@ def test_the_output_filter_masks_every_known_secret_value(capsys: pytest.Capture
     out, err = capsys.readouterr()
     assert out == "Authorization: Bearer ***\n"
     assert err == f"oops {TOKEN[:-1]} ab\n"
+
+
+# ------------------------------------------------------------------------------------------------ record
+
+
+def test_the_record_lists_what_was_verified_downloaded_or_already_present(run: Run, hub: HubServer,
+                                                                            tmp_path: Path) -> None:
+    a, b = payload(SIZE, seed=21), payload(SIZE // 2, seed=22)
+    sha_a = hub.add_file("ra.bin", a)
+    hub.add_hf("acme/models", "rb.safetensors", b)
+    run.write(url_entry("ra", hub.url("/files/ra.bin"), "vae/ra.bin", sha_a)
+              + hf_entry("rb", "acme/models", "rb.safetensors", "checkpoints/sub/rb.safetensors"))
+    record = tmp_path / "out" / "models-record.json"
+    expected = {"models": [
+        {"name": "ra", "path": "vae/ra.bin", "sha256": sha_a, "size": len(a)},
+        # the hub's LFS sha256 (the manifest pins none) is what was enforced, so what is recorded
+        {"name": "rb", "path": "checkpoints/sub/rb.safetensors", "sha256": sha256_of(b), "size": len(b)}]}
+
+    first = run.fetch("--record", str(record))
+    assert first.returncode == 0, first.stderr
+    assert json.loads(record.read_text()) == expected
+    record.unlink()
+    again = run.fetch("--record", str(record))  # present files are hashed again, so recorded again
+
+    assert again.returncode == 0 and "2 present" in again.stderr, again.stderr
+    assert json.loads(record.read_text()) == expected
+
+
+def test_a_failed_fetch_writes_no_record(run: Run, hub: HubServer, tmp_path: Path) -> None:
+    sha = hub.add_file("rc.bin", payload(SIZE, seed=23))
+    assert sha != sha256_of(b"other bytes")
+    run.write(url_entry("rc", hub.url("/files/rc.bin"), "vae/rc.bin", sha256_of(b"other bytes")))
+    record = tmp_path / "models-record.json"
+
+    result = run.fetch("--record", str(record))
+
+    assert result.returncode == 1 and "sha256 mismatch" in result.stderr, result.stderr
+    assert not record.exists()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from supervisor import __version__
-from supervisor.build_record import BuildRecord, labels, parse
+from supervisor.build_record import LABEL_ARGS, BuildRecord, labels, parse
 from tests.helpers.api import ROOT, api_worker, http_get
 
 pytestmark = pytest.mark.timeout(120)
@@ -123,3 +123,46 @@ def test_info_reports_the_record_the_live_comfyui_and_the_workflows(tmp_path: Pa
 
 def test_an_empty_record_is_a_record_with_nothing_known() -> None:
     assert parse({"format": 1}) == BuildRecord()
+
+
+def test_what_the_build_sets_last_is_stamped_on_the_record(tmp_path: Path) -> None:
+    """The image's file has no revision, source or build time (they change every build): the BUILD_* ENV that
+    the Dockerfile sets last does, and /info, the labels command and the build args all say the same."""
+    in_file = {**RECORD, "worker": {"version": __version__}}
+    del in_file["built_at"]
+    record_path = tmp_path / "build-record.json"
+    record_path.write_text(json.dumps(in_file))
+    stamp = {"BUILD_REVISION": "b" * 40, "BUILD_SOURCE": "https://example.com/comfyui-worker",
+             "BUILD_CREATED": "2026-01-31T12:00:00Z"}
+    flags = ["--revision", stamp["BUILD_REVISION"], "--source", stamp["BUILD_SOURCE"],
+             "--created", stamp["BUILD_CREATED"]]
+
+    def command(*argv: str) -> str:
+        proc = subprocess.run([sys.executable, "-S", "-m", "supervisor.build_record", *argv], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert json.loads(command("labels", str(record_path), *flags)) == EXPECTED_LABELS
+    args = dict(line.split("=", 1) for line in command("build-args", str(record_path), *flags).splitlines())
+    assert args["BUILD_REVISION"] == "b" * 40 and args["LABEL_VERSION"] == __version__
+    assert {key: args[arg] for key, arg in LABEL_ARGS.items()} == EXPECTED_LABELS
+    unstamped = dict(line.split("=", 1) for line in command("build-args", str(record_path)).splitlines())
+    assert unstamped["BUILD_REVISION"] == "" and unstamped["LABEL_MODELS"] == EXPECTED_LABELS[
+        "comfyui-worker.models"]
+
+    with api_worker(tmp_path, API_KEY=KEY, BUILD_RECORD_FILE=str(record_path), **stamp) as w:
+        info = w.api.ok("GET", "/info")
+        assert info["worker"] == {"version": __version__, "revision": "b" * 40,
+                                  "source": "https://example.com/comfyui-worker", "mode": "http"}
+        assert info["build"]["built_at"] == "2026-01-31T12:00:00Z"
+        assert info["labels"] == EXPECTED_LABELS
+
+
+def test_the_dockerfile_sets_every_label_from_its_build_arg() -> None:
+    """The Dockerfile's last LABEL instruction names each label with the build arg `make build` passes for it."""
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    for key, arg in LABEL_ARGS.items():
+        assert f'{key}="${{{arg}}}"' in text, key
+    tail = text[text.rindex("\nLABEL "):]
+    assert "\nRUN " not in tail and "\nCOPY " not in tail  # set last: no layer after the labels

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -250,3 +251,33 @@ def test_the_interpreter_must_be_named(world, comfyui) -> None:
 
     assert result.returncode == 2
     assert "--python PATH or COMFYUI_PYTHON" in result.stdout
+
+
+def test_the_record_lists_each_installed_pack_with_its_commit(world, comfyui, tmp_path: Path) -> None:
+    record = tmp_path / "build" / "nodes-record.json"
+    url, commit = world["packs"]["goodpack"]
+
+    result = install(world, comfyui, [pinned(world, "goodpack")], "--record", str(record))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(record.read_text()) == {"custom_nodes": [{"name": "goodpack", "url": url, "commit": commit}]}
+
+
+def test_a_failed_install_writes_no_record(world, comfyui, tmp_path: Path) -> None:
+    record = tmp_path / "nodes-record.json"
+    result = install(world, comfyui, [pinned(world, "goodpack"), pinned(world, "brokenpack")], "--record", str(record))
+    assert result.returncode == 1, result.stdout
+    assert not record.exists()
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://user:ghp_secret@github.com/a/b.git", "https://github.com/a/b.git"),
+    ("https://ghp_secret@github.com/a/b", "https://github.com/a/b"),
+    ("https://github.com/a/b", "https://github.com/a/b"),
+    ("file:///srv/git/pack", "file:///srv/git/pack"),
+])
+def test_a_recorded_url_carries_no_credentials(url: str, shown: str) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from buildlib.common import without_credentials
+
+    assert without_credentials(url) == shown

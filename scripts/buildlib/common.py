@@ -9,12 +9,14 @@ secrets that never reach any output.
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
@@ -240,3 +242,21 @@ def env_without(names: list[str], env: Mapping[str, str] | None = None) -> dict[
     for name in names:
         base.pop(name, None)
     return base
+
+
+def write_record(path: Path, body: dict[str, object]) -> None:
+    """A build-record part as JSON (``--record FILE`` of the fetcher and the installer), written whole or not at
+    all: a temporary file renamed into place, so a build that fails midway leaves no half record behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part: a token written into a clone URL must not reach a record that
+    ends up in an image layer and its labels."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))

@@ -2,9 +2,9 @@
 
 The worker's version, ComfyUI's version (asked live when ComfyUI serves, else the build's) and commit, the custom
 node packs with their commits, the baked models with their sha256 (all from the image's build record,
-:mod:`supervisor.build_record`), the named workflows, and the image labels the record implies, so a client can
-compare a running worker with ``docker inspect``. A checkout has no build record: those parts are empty and
-``build.record`` says so.
+:mod:`supervisor.build_record`, with the revision, source and build time the image's BUILD_* ENV stamps on), the
+named workflows, and the image labels the record implies, so a client can compare a running worker with
+``docker inspect``. A checkout has no build record: those parts are empty and ``build.record`` says so.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aiohttp import web
 from supervisor import __version__
 from supervisor.api.http_base import SERVICE, SETTINGS
 from supervisor.api.job_service import JobService
-from supervisor.build_record import BuildRecord, BuildRecordError, labels, load
+from supervisor.build_record import BuildRecord, BuildRecordError, labels, load, stamped
 from supervisor.errors import ComfyUnavailableError
 
 log = logging.getLogger("supervisor.api")
@@ -36,7 +36,7 @@ async def handle_info(request: web.Request) -> web.Response:
     except BuildRecordError as exc:
         log.warning("the build record cannot be used: %s", exc)
         state = f"unusable: {exc}"
-    record = record or BuildRecord()
+    record = stamped(record or BuildRecord(), settings.build_revision, settings.build_source, settings.build_created)
     body: dict[str, Any] = {
         "worker": {"version": __version__, "revision": record.worker.get("revision"),
                    "source": record.worker.get("source"), "mode": settings.worker_mode},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import io
 import json
 import time
@@ -121,6 +122,28 @@ def http_get(url: str, headers: Mapping[str, str] | None = None, timeout: float 
             return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read()
+
+
+def pings(url: str, alive: Callable[[], str | None], timeout: float = 30) -> list[int]:
+    """Every change of ``/ping``'s status from the first answer until 200 (RunPod's probe: 204 initializing).
+
+    ``alive`` returns None while the worker runs, else what to show (its log): the wait stops there."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = http_get(url, timeout=2)[0]
+        except (OSError, http.client.HTTPException):  # not listening yet (a proxy in front may reset)
+            status = None
+        if status is None:
+            dead = alive()
+            assert dead is None, f"the worker stopped while /ping was awaited; seen {seen}\n{dead}"
+        elif not seen or seen[-1] != status:
+            seen.append(status)
+        if status == 200:
+            return seen
+        time.sleep(0.01)
+    raise AssertionError(f"/ping never answered 200; seen {seen}\n{alive() or ''}")
 
 
 class Api:

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 # The Makefile's variables (`?=`) take values from the environment: expect its defaults whatever the shell has.
-MAKE_VARS = ("DOCKER", "REGISTRY", "IMAGE", "TAG", "BASE_IMAGE", "COMFYUI_REF", "DOCKERFILE", "CONTEXT", "PROGRESS",
+MAKE_VARS = ("DOCKER", "REGISTRY", "BUILD_REVISION", "BUILD_SOURCE", "BUILD_CREATED", "LABELS", "IMAGE", "TAG", "BASE_IMAGE", "COMFYUI_REF", "DOCKERFILE", "CONTEXT", "PROGRESS",
              "HF_TOKEN_FILE", "CIVITAI_TOKEN_FILE", "BUILD_ARGS", "BUILD_FLAGS", "ENV_FILE", "DATA_VOLUME",
              "HOST_ADDR", "PORT", "GPUS", "RUN_FLAGS", "CONTAINER", "MAKEFLAGS", "MFLAGS")
 ENV = {k: v for k, v in os.environ.items() if k not in MAKE_VARS}
@@ -25,10 +25,16 @@ def make_n(*args: str) -> list[str]:
     return proc.stdout.splitlines()
 
 
-def docker_line(lines: list[str], verb: str) -> str:
+def docker_line(lines: list[str], verb: str, count: int = 1) -> str:
+    """The first of the ``count`` lines that run ``docker VERB`` (build: the image, then its labels)."""
     found = [line for line in lines if re.search(rf"(^|\s)\S*docker {verb} ", line)]
-    assert len(found) == 1, lines
+    assert len(found) == count, lines
     return found[0]
+
+
+STAMP = ("--build-arg BUILD_REVISION=r1 --build-arg 'BUILD_SOURCE=https://example.com/w.git' "
+         "--build-arg BUILD_CREATED=2026-01-31T12:00:00Z")
+STAMP_VARS = ("BUILD_REVISION=r1", "BUILD_SOURCE=https://example.com/w.git", "BUILD_CREATED=2026-01-31T12:00:00Z")
 
 
 def test_make_n_build_shows_the_exact_buildkit_command() -> None:
@@ -37,9 +43,17 @@ def test_make_n_build_shows_the_exact_buildkit_command() -> None:
                             timeout=30, env=ENV).stdout.strip()
     if not client:
         pytest.skip("no docker client here builds with BuildKit")
-    line = docker_line(make_n("build"), "build")
+    line = docker_line(make_n("build", *STAMP_VARS), "build", count=2)
     assert line == (f"DOCKER_BUILDKIT=1 {client} build --progress=auto -f docker/Dockerfile -t comfyui-worker:latest "
-                    "--build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 .")
+                    f"--build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 {STAMP} .")
+    # unset, the stamp is this checkout's commit and the time now; the labels pass is the second docker build
+    lines = make_n("build")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert re.search(rf"--build-arg BUILD_REVISION={head.strip()}(-dirty)? --build-arg 'BUILD_SOURCE=[^' ]*' "
+                     r"--build-arg BUILD_CREATED=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \.$",
+                     docker_line(lines, "build", count=2)), lines
+    labels_pass = [line for line in lines if "supervisor.build_record build-args" in line]
+    assert len(labels_pass) == 1 and '"${labels[@]}" .' in labels_pass[0], lines
 
 
 def test_build_variables_reach_the_command(tmp_path: Path) -> None:
@@ -47,11 +61,19 @@ def test_build_variables_reach_the_command(tmp_path: Path) -> None:
     line = docker_line(make_n("build", "DOCKER=/usr/bin/docker", "REGISTRY=ghcr.io/acme", "IMAGE=worker",
                               "TAG=v1", "BASE_IMAGE=local/bookworm:base", "COMFYUI_REF=v0.3.64",
                               f"HF_TOKEN_FILE={token}", "CIVITAI_TOKEN_FILE=/run/civitai",
-                              "BUILD_ARGS=--build-arg TORCH_PACKAGES=", "BUILD_FLAGS=--network host"), "build")
+                              "BUILD_ARGS=--build-arg TORCH_PACKAGES=", "BUILD_FLAGS=--network host", *STAMP_VARS),
+                       "build", count=2)
     assert line == ("DOCKER_BUILDKIT=1 /usr/bin/docker build --progress=auto -f docker/Dockerfile "
                     "-t ghcr.io/acme/worker:v1 --build-arg BASE_IMAGE=local/bookworm:base "
                     f"--build-arg COMFYUI_REF=v0.3.64 --secret id=HF_TOKEN,src={token} "
-                    "--secret id=CIVITAI_TOKEN,src=/run/civitai --build-arg TORCH_PACKAGES= --network host .")
+                    f"--secret id=CIVITAI_TOKEN,src=/run/civitai --build-arg TORCH_PACKAGES= --network host {STAMP} .")
+
+
+def test_a_stage_target_or_labels_no_builds_once() -> None:
+    for args in (("BUILD_FLAGS=--target comfyui-git",), ("LABELS=no",)):
+        lines = make_n("build", *args)
+        docker_line(lines, "build", count=1)
+        assert any(line.startswith('echo ">> no labels (LABELS=no)"') for line in lines), lines
 
 
 def test_a_missing_secret_file_stops_the_build_before_docker_runs(tmp_path: Path) -> None:

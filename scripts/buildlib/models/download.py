@@ -62,8 +62,8 @@ class Fetcher:
 
     # ---------------------------------------------------------------- one entry
 
-    def fetch(self, t: Target) -> str:
-        """Make ``t.dest`` hold the verified file; returns how: present, cache or downloaded."""
+    def fetch(self, t: Target) -> tuple[str, str]:
+        """Make ``t.dest`` hold the verified file; returns how (present, cache or downloaded) and its sha256."""
         entry = t.entry
         expected, origin = entry.sha256, "the manifest"
         remote: Remote | None = None
@@ -74,10 +74,10 @@ class Fetcher:
                                  "LFS file); add 'sha256' to the entry")
             expected, origin = remote.sha256, remote.sha256_origin
         if self._present(t, expected):
-            return "present"
+            return "present", expected
         with self._exclusive(expected):
             if self.cache and self._from_cache(t, expected):
-                return "cache"
+                return "cache", expected
             remote = remote or self._resolve_with_retries(t)
             self._check_remote(t, remote, expected)
             part = self.cache.part(expected) if self.cache else self._local_part(t.dest, expected)
@@ -91,7 +91,7 @@ class Fetcher:
                 raise FetchError(f"{entry.label}: size mismatch for {entry.destination}: the manifest says "
                                  f"{entry.size} bytes, got {size}; the downloaded file was deleted")
             self._place(part, t.dest, expected)
-        return "downloaded"
+        return "downloaded", expected
 
     def _present(self, t: Target, expected: str) -> bool:
         """True when the destination already holds the right bytes (idempotent re-runs hash, never download)."""

@@ -1,4 +1,8 @@
-"""The ``fetch`` command: plan, then fetch every target in parallel; a failure does not stop the others."""
+"""The ``fetch`` command: plan, then fetch every target in parallel; a failure does not stop the others.
+
+With a record file, a successful fetch also writes what it verified (each entry's name, path under the models
+folder, sha256 and size) as JSON: the image build keeps it for its build record (``supervisor/build_record.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
-from ..common import Secrets
+from ..common import Secrets, write_record
 from ..manifest import Manifest
 from .config import PROG, FetchConfig
 from .download import Fetcher
@@ -16,7 +22,8 @@ from .plan import Target, plan, print_plan
 from .progress import Progress
 
 
-def cmd_fetch(cfg: FetchConfig, manifest: Manifest, secrets: Secrets, dry_run: bool, only: list[str]) -> int:
+def cmd_fetch(cfg: FetchConfig, manifest: Manifest, secrets: Secrets, dry_run: bool, only: list[str],
+              record: Path | None = None) -> int:
     p = plan(manifest, cfg, secrets, only)
     if dry_run:
         print_plan(p, manifest, cfg, secrets)
@@ -30,11 +37,22 @@ def cmd_fetch(cfg: FetchConfig, manifest: Manifest, secrets: Secrets, dry_run: b
         for problem in p.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
-    return run_targets(cfg, p.targets)
+    verified: dict[int, dict[str, Any]] = {}
+    code = run_targets(cfg, p.targets, verified)
+    if code == 0 and record is not None:
+        record_models(record, [verified[i] for i in sorted(verified)])
+    return code
 
 
-def run_targets(cfg: FetchConfig, targets: list[Target]) -> int:
-    """Fetch in parallel; a failure does not stop the others (their bytes are kept for the next build)."""
+def record_models(path: Path, models: list[dict[str, Any]]) -> None:
+    write_record(path, {"models": models})
+    print(f"{PROG}: recorded {len(models)} verified model(s) in {path}", file=sys.stderr)
+
+
+def run_targets(cfg: FetchConfig, targets: list[Target], verified: dict[int, dict[str, Any]] | None = None) -> int:
+    """Fetch in parallel; a failure does not stop the others (their bytes are kept for the next build).
+
+    ``verified`` (by the target's position) receives what each fetched file was verified to be."""
     started = time.monotonic()
     failures: list[str] = []
     counts: dict[str, int] = {}
@@ -42,9 +60,9 @@ def run_targets(cfg: FetchConfig, targets: list[Target]) -> int:
     with Progress(cfg.progress, cfg.progress_interval_s, cfg.jobs) as progress:
         fetcher = Fetcher(cfg, progress)
 
-        def one(t: Target) -> None:
+        def one(index: int, t: Target) -> None:
             try:
-                how = fetcher.fetch(t)
+                how, sha256 = fetcher.fetch(t)
             except Exception as exc:  # noqa: BLE001 - reported per entry; unexpected ones with their type
                 if isinstance(exc, Interrupted):
                     line = f"{t.entry.label}: interrupted; the part is kept for the next run"
@@ -58,11 +76,14 @@ def run_targets(cfg: FetchConfig, targets: list[Target]) -> int:
                 return
             with tally:
                 counts[how] = counts.get(how, 0) + 1
+                if verified is not None:
+                    verified[index] = {"name": t.entry.name, "path": t.entry.destination, "sha256": sha256,
+                                       "size": t.dest.stat().st_size}
             progress.log(f"{PROG}: {how:>10}  {t.entry.destination}")
 
         pool = ThreadPoolExecutor(max_workers=cfg.jobs, thread_name_prefix="fetch")
         try:
-            list(pool.map(one, targets))
+            list(pool.map(one, range(len(targets)), targets))
         except KeyboardInterrupt:
             STOP.set()  # running downloads stop at their next chunk, keeping their parts
             pool.shutdown(wait=True, cancel_futures=True)

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..common import without_credentials, write_record
 from ..manifest import NodePack
 from .config import InstallError, NodesConfig, say
 from .import_check import check_imports, judge
@@ -128,8 +129,11 @@ def run_install_script(pack: NodePack, dest: Path, python: str, env: Mapping[str
 # ------------------------------------------------------------------------------------------------ the packs
 
 
-def install(cfg: NodesConfig, python: str, packs: list[NodePack]) -> list[str]:
-    """Clone, pip-install and run install.py for each pack; returns one problem line per failed pack."""
+def install(cfg: NodesConfig, python: str, packs: list[NodePack],
+            installed: list[dict[str, str]] | None = None) -> list[str]:
+    """Clone, pip-install and run install.py for each pack; returns one problem line per failed pack.
+
+    ``installed`` receives each installed pack's name, URL (without credentials) and commit."""
     custom_nodes = cfg.comfyui_dir / "custom_nodes"
     protected = installed_versions(python, cfg.protected)
     shown = ", ".join(f"{n} {v}" for n, v in protected.items() if v) or "none of them installed"
@@ -148,6 +152,8 @@ def install(cfg: NodesConfig, python: str, packs: list[NodePack]) -> list[str]:
                 say(f"{pack.name}: at {commit}")
                 pip_install(pack, custom_nodes / pack.name, python, env, cfg.install_timeout_s)
                 run_install_script(pack, custom_nodes / pack.name, python, env, cfg.install_timeout_s)
+                if installed is not None:
+                    installed.append({"name": pack.name, "url": without_credentials(pack.url), "commit": commit})
             except InstallError as exc:
                 problems.append(str(exc))
                 say(f"FAILED {exc}")
@@ -159,7 +165,8 @@ def install(cfg: NodesConfig, python: str, packs: list[NodePack]) -> list[str]:
     return problems
 
 
-def cmd_install(cfg: NodesConfig, python: str | None, packs: list[NodePack], only_check: bool, dry_run: bool) -> int:
+def cmd_install(cfg: NodesConfig, python: str | None, packs: list[NodePack], only_check: bool, dry_run: bool,
+                record: Path | None = None) -> int:
     if dry_run:
         for pack in packs:
             extras = f" + pip {' '.join(pack.extras)}" if pack.extras else ""
@@ -173,12 +180,25 @@ def cmd_install(cfg: NodesConfig, python: str | None, packs: list[NodePack], onl
     if not (cfg.comfyui_dir / "main.py").is_file():
         say(f"error: {cfg.comfyui_dir} has no main.py; point --comfyui-dir (COMFYUI_DIR) at the ComfyUI tree")
         return 2
-    problems = [] if only_check else install(cfg, python, packs)
+    if record is not None and only_check:
+        say("error: --record lists what an install installed; it cannot go with --only-check")
+        return 2
+    installed: list[dict[str, str]] = []
+    problems = [] if only_check else install(cfg, python, packs, installed)
     if problems:
         say(f"error: {len(problems)} node pack(s) failed to install:")
         for problem in problems:
             print(f"  - {problem}", flush=True)
         return 1
+    code = import_check(cfg, python, packs)
+    if code == 0 and record is not None:
+        write_record(record, {"custom_nodes": installed})
+        say(f"recorded {len(installed)} pack(s) with their commits in {record}")
+    return code
+
+
+def import_check(cfg: NodesConfig, python: str, packs: list[NodePack]) -> int:
+    """Start ComfyUI and judge every pack by what it logged and registered (NODES_CHECK); the exit code."""
     if cfg.check == "none":
         say("import check skipped (NODES_CHECK=none)")
         return 0
