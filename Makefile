@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # `make dev`'s data (job journal, state, ComfyUI's folders), outside the checkout; KEEP_JOURNAL=1 keeps its jobs.
 DEV_DATA ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/comfyui-worker/dev
 KEEP_JOURNAL ?=
-# The targets leave the checkout as it was cloned: no __pycache__ in it (pytest's cache is off in `make test`).
+# The targets leave the checkout as it was cloned: no __pycache__ in it (pytest's cache is off: pyproject.toml's addopts).
 export PYTHONDONTWRITEBYTECODE ?= 1
 
 .DEFAULT_GOAL := help
@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed ## Create or reuse the virtual environment with the worker and its test tools
 
 test: venv ## Run the test suite (creates the virtual environment on first use)
-	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 dev: venv ## Run the worker on this machine (no GPU) against the stand-in ComfyUI (data: DEV_DATA; KEEP_JOURNAL=1 keeps old jobs)
 	@echo ">> worker in self-hosted mode on http://127.0.0.1:$${API_PORT:-8000}, ComfyUI = the stand-in (tests/standin)"
