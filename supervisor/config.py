@@ -212,6 +212,7 @@ class Settings:
 
     # --- jobs ------------------------------------------------------------------------------------------
     job_timeout_s: float = 600.0
+    interrupt_grace_s: float = 10.0
     max_job_timeout_s: float = 3600.0
     websocket_reconnect_attempts: int = 5
     websocket_reconnect_delay_s: float = 3.0
@@ -351,6 +352,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stop_timeout_s=r.number("STOP_TIMEOUT_S", 10.0, lo=0.1),
         log_ring_lines=r.integer("LOG_RING_LINES", 200, lo=1),
         job_timeout_s=r.number("JOB_TIMEOUT_S", 600.0, lo=0.1),
+        interrupt_grace_s=r.number("INTERRUPT_GRACE_S", 10.0, lo=0.1),
         max_job_timeout_s=r.number("MAX_JOB_TIMEOUT_S", 3600.0, lo=0.1),
         websocket_reconnect_attempts=r.integer("WEBSOCKET_RECONNECT_ATTEMPTS", 5, lo=0),
         websocket_reconnect_delay_s=r.number("WEBSOCKET_RECONNECT_DELAY_S", 3.0, lo=0),

@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,8 @@ class JobService:
         """The job's current record (output included when finished), and its live entry if it has one."""
         job = self.jobs.get(job_id)
         if job is not None and not job.record.finished:
+            if job.cancel_requested:  # /cancel answered CANCELLED at once; ComfyUI is still letting go
+                return replace(job.record, status=CANCELLED), job
             return job.record, job
         rec = await self.journal.get(job_id)
         return rec, job
@@ -236,11 +238,16 @@ class JobService:
                 await self._finish(job, Outcome(CANCELLED))
                 log.info("job %s cancelled while queued", job_id)
             else:
+                # answered at once: taking the prompt back from ComfyUI (up to INTERRUPT_GRACE_S, then a restart
+                # of ComfyUI) and the cleanup finish in the background, and the job ends CANCELLED
                 job.cancel_requested = True
                 if job.task is not None and not job.task.done():
                     job.task.cancel()
                     log.info("job %s: cancelling (interrupting ComfyUI)", job_id)
-                await job.done.wait()
+                elif job.task is not None:  # it has just ended: its own outcome stands
+                    await job.done.wait()
+                    return {"id": job_id, "status": job.record.status}
+                return {"id": job_id, "status": CANCELLED}
             return {"id": job_id, "status": job.record.status}
         rec = await self.journal.get(job_id)
         return None if rec is None else {"id": job_id, "status": rec.status}

@@ -45,6 +45,7 @@ log = logging.getLogger("supervisor")
 comfy_log = logging.getLogger("comfyui")
 
 IMPORT_FAILURE_MARKERS = ("IMPORT FAILED", "Cannot import ")
+RESTARTED = "restarted on request"  # the reason of a generation ended by ComfyHandle.restart
 
 
 class ComfySupervisor:
@@ -76,6 +77,7 @@ class ComfySupervisor:
         self._failures: collections.deque[float] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
+        self._restart_asked: asyncio.Future[str] | None = None  # this generation's restart request (its reason)
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._state_file = StateFileWriter(settings.state_file)
@@ -169,6 +171,24 @@ class ComfySupervisor:
             fut: asyncio.Future[CrashInfo] = loop.create_future()
             self._exit_waiters.setdefault(generation, []).append((loop, fut))
         return await fut
+
+    async def restart(self, generation: int, reason: str) -> CrashInfo:
+        """Kill that generation's tree and start a new one; resolve once it has ended (see ComfyHandle.restart)."""
+        loop = self._loop
+        with self._lock:
+            current = generation == self._generation and generation not in self._exits
+        if current and loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._ask_restart, generation, reason)
+            except RuntimeError:  # the supervisor's loop has ended: so has the process
+                pass
+        return await self.wait_exit(generation)
+
+    def _ask_restart(self, generation: int, reason: str) -> None:
+        """On the supervisor's loop: wake the watch of that generation (only if it is still the running one)."""
+        fut = self._restart_asked
+        if fut is not None and not fut.done() and generation == self._generation:
+            fut.set_result(reason)
 
     # ------------------------------------------------------------------------------------------------
     # State bookkeeping (any thread; mostly the supervisor's)
@@ -267,6 +287,8 @@ class ComfySupervisor:
             info = await self._run_generation(required)
             if info is None or self._stopping():
                 return
+            if info.reason.startswith(RESTARTED):  # asked for, not a failure: start again at once
+                continue
             delay = self._after_failure(info)
             if delay is None:
                 return
@@ -342,13 +364,14 @@ class ComfySupervisor:
     async def _supervise_process(self, proc: ComfyProcess, generation: int, required: tuple[str, ...]) -> CrashInfo | None:
         exited = asyncio.ensure_future(proc.wait())
         stop = asyncio.ensure_future(self._stop_event.wait())  # type: ignore[union-attr]
+        self._restart_asked = asyncio.get_running_loop().create_future()
         try:
             outcome = await self._start_phase(proc, required, exited, stop)
             if outcome == "ready":
-                outcome = await self._watch_phase(exited, stop)
+                outcome = await self._watch_phase(exited, stop, self._restart_asked)
             return await self._end_generation(proc, generation, outcome, exited)
         finally:
-            for task in (exited, stop):
+            for task in (exited, stop, self._restart_asked):
                 task.cancel()
 
     async def _start_phase(
@@ -378,16 +401,20 @@ class ComfySupervisor:
             return f"readiness check failed: {ready.exception()}"
         return f"did not become ready within {self.settings.start_timeout_s:g} s"
 
-    async def _watch_phase(self, exited: asyncio.Future[Any], stop: asyncio.Future[Any]) -> str:
+    async def _watch_phase(
+        self, exited: asyncio.Future[Any], stop: asyncio.Future[Any], restart: asyncio.Future[str]
+    ) -> str:
         hung = asyncio.ensure_future(self._watch_health())
         try:
-            done, _ = await asyncio.wait({hung, exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({hung, exited, stop, restart}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             hung.cancel()
         if stop in done:
             return "stop"
         if exited in done:
             return "exited"
+        if restart in done:
+            return f"{RESTARTED}: {restart.result()}"
         return "killed as hung"
 
     async def _end_generation(
@@ -402,6 +429,9 @@ class ComfySupervisor:
         if outcome == "killed as hung":
             self._set_state(State.RESTARTING, f"ComfyUI (pid {proc.pid}) did not answer {s.health_failures} "
                             "health probes in a row; killing its process tree")
+        elif outcome.startswith(RESTARTED):
+            self._set_state(State.RESTARTING, f"ComfyUI (pid {proc.pid}) is restarted: {outcome.split(': ', 1)[1]}")
+            log.warning("%s (pid %d) is restarted: %s", self._who, proc.pid, outcome.split(": ", 1)[1])
         else:
             self._set_state(State.RESTARTING, f"ComfyUI (pid {proc.pid}) {outcome}")
         status = await proc.kill(min(s.stop_timeout_s, 3.0))  # also reaps descendants of an exited process
@@ -557,6 +587,8 @@ def restart_reason(last_exit: CrashInfo | None) -> str:
         return "readiness_failed"
     if reason.startswith("could not be started"):
         return "spawn_failed"
+    if reason.startswith(RESTARTED):
+        return "stuck_prompt"
     return "exited"
 
 
