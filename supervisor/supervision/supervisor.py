@@ -35,6 +35,7 @@ import aiohttp
 
 from supervisor.config import Settings
 from supervisor.metrics import WorkerMetrics
+from supervisor.supervision.leftover import remove_pid_file, write_pid_file
 from supervisor.supervision.model_paths import write_extra_model_paths
 from supervisor.supervision.process import ComfyProcess, ExitStatus, LogRing
 from supervisor.comfy.status import CrashInfo, State, Status
@@ -341,12 +342,13 @@ class ComfySupervisor:
                 self.metrics.comfyui_restarted(restart_reason(self._last_exit), self.instance)
             self._import_failures = []
             self._missing = ()
+        marker = uuid.uuid4().hex
         try:
             proc = await ComfyProcess.spawn(
                 self._argv(),
                 cwd=str(self.settings.comfyui_dir),
                 env=self.settings.child_env,
-                marker=uuid.uuid4().hex,
+                marker=marker,
                 sink=self._on_line,
             )
         except OSError as exc:
@@ -356,10 +358,14 @@ class ComfySupervisor:
         with self._lock:
             self._pid, self._spawned_at = proc.pid, time.monotonic()
         log.info("started %s (pid %d, generation %d): %s", self._who, proc.pid, generation, " ".join(self._argv()))
+        data_dir = self.settings.data_dir
+        # so that a worker started after this one was killed -9 recognises this ComfyUI as ours (leftover.py)
+        await asyncio.to_thread(write_pid_file, data_dir, proc.pid, marker, self.settings.comfyui_port)
         try:
             return await self._supervise_process(proc, generation, required)
         finally:
             proc.close()
+            await asyncio.to_thread(remove_pid_file, data_dir, proc.pid)
 
     async def _supervise_process(self, proc: ComfyProcess, generation: int, required: tuple[str, ...]) -> CrashInfo | None:
         exited = asyncio.ensure_future(proc.wait())
