@@ -43,8 +43,8 @@ from aiohttp import web
 from supervisor.api.formats import COMPLETED
 from supervisor.api.http_base import error_response, public
 from supervisor.api.http_intake import json_body, read_capped
-from supervisor.api.job_service import QueueFull, ShuttingDown
-from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, UploadRecord
+from supervisor.api.job_service import DiskFull, QueueFull, ShuttingDown
+from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, JournalWriteError, UploadRecord
 from supervisor.api.workflows import is_named_request
 from supervisor.config import Settings
 from supervisor.errors import JobError
@@ -145,6 +145,8 @@ class DeployFacade:
             return error_response(429, f"the queue is full ({self.settings.max_queue} jobs waiting, MAX_QUEUE)")
         except ShuttingDown:
             return error_response(503, "the worker is shutting down and takes no new jobs")
+        except DiskFull as exc:
+            return error_response(503, str(exc))
         return web.json_response({"run_id": job.id})
 
     async def get_run(self, request: web.Request) -> web.Response:
@@ -217,7 +219,10 @@ class DeployFacade:
         path = self.uploads_dir / token / filename
         rec = UploadRecord(token=token, filename=filename, content_type=content_type, created_at=now,
                            expires_at=now + max(UPLOAD_URL_TTL_S, self.settings.job_retention_s), path=str(path))
-        await self.service.journal.add_upload(rec)
+        try:
+            await self.service.journal.add_upload(rec)
+        except JournalWriteError as exc:
+            return error_response(503, f"the worker cannot take uploads now: {exc}; retry later")
         base = base_url(request)
         return web.json_response({
             "upload_url": f"{base}/api/upload/{token}",

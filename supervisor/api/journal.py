@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import json
 import sqlite3
 import time
@@ -118,6 +119,20 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
                      meta=_loads(row["meta"]) or {})
 
 
+class JournalWriteError(Exception):
+    """A write the journal could not make, mostly because DATA_DIR's disk is full; the caller decides what it means.
+
+    ``str()`` is one line for people: what could not be written, why, and what to do.
+    """
+
+    def __init__(self, path: Path, exc: BaseException) -> None:
+        self.disk_full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower() or (
+            isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+        what = "disk full: " if self.disk_full else ""
+        hint = "; free space on DATA_DIR" if self.disk_full else ""
+        super().__init__(f"{what}the job journal {path} cannot be written ({exc}){hint}")
+
+
 class Journal:
     """Async facade over one SQLite file; every method runs on the journal's own thread."""
 
@@ -134,6 +149,13 @@ class Journal:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """A write: SQLite's and the system's failures (a full disk) become one JournalWriteError."""
+        try:
+            return await self._call(fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalWriteError(self.path, exc) from exc
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,15 +191,15 @@ class Journal:
                  rec.finished_at, _dumps(rec.output), rec.error, _dumps(rec.meta) or "{}"),
             )
 
-        await self._call(_insert)
+        await self._write(_insert)
 
     async def started(self, job_id: str, at: float) -> None:
-        await self._call(lambda: self.db.execute(
+        await self._write(lambda: self.db.execute(
             "UPDATE jobs SET status = ?, started_at = ? WHERE id = ?", (IN_PROGRESS, at, job_id)))
 
     async def finished(self, rec: JobRecord) -> None:
         """Record the end; the input is dropped (it can be megabytes of base64 and is not needed any more)."""
-        await self._call(lambda: self.db.execute(
+        await self._write(lambda: self.db.execute(
             "UPDATE jobs SET status = ?, input = NULL, started_at = ?, finished_at = ?, output = ?, error = ?,"
             " meta = ? WHERE id = ?",
             (rec.status, rec.started_at, rec.finished_at, _dumps(rec.output), rec.error, _dumps(rec.meta) or "{}",
@@ -234,12 +256,12 @@ class Journal:
             db.execute("DELETE FROM uploads WHERE expires_at < ?", (at,))
             return ids, paths
 
-        return await self._call(_purge)
+        return await self._write(_purge)
 
     # --- uploads (ComfyUI Deploy facade) ---------------------------------------------------------------
 
     async def add_upload(self, rec: UploadRecord) -> None:
-        await self._call(lambda: self.db.execute(
+        await self._write(lambda: self.db.execute(
             "INSERT INTO uploads (token, filename, content_type, created_at, expires_at, size, path)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (rec.token, rec.filename, rec.content_type, rec.created_at, rec.expires_at, rec.size, rec.path)))
