@@ -210,9 +210,15 @@ def _check_models(node_id: str, graph: Mapping[str, Mapping[str, Any]], catalog:
 
 
 def not_installed(value: str, options: Sequence[str]) -> str:
-    """``'x.safetensors' is not installed; installed: a.safetensors, b.safetensors``."""
-    installed = [o for o in options if looks_like_model(o)] or list(options)
-    return f"'{value}' is not installed; installed: {_listing(installed)}"
+    """``'x.safetensors' is not installed; installed: a.safetensors, b.safetensors``.
+
+    Only files count as installed: a loader's built-in choices (VAELoader's ``pixel_space``, the TAESD pairs)
+    are named apart, so nobody looks for a file called ``pixel_space``.
+    """
+    installed = [o for o in options if looks_like_model(o)]
+    built_in = [o for o in options if not looks_like_model(o)]
+    line = f"'{value}' is not installed; installed: {_listing(installed)}"
+    return line + (f" (built-in options, not files: {_listing(built_in)})" if built_in else "")
 
 
 def _listing(options: Sequence[str]) -> str:

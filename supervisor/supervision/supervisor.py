@@ -134,7 +134,7 @@ class ComfySupervisor:
             return self._status_locked()
 
     def log_tail(self, n: int = 20) -> list[str]:
-        return self._ring.tail(n)
+        return self._ring.explanatory_tail(n)
 
     def add_listener(self, listener: Callable[[Status], None]) -> None:
         """Call ``listener(status)`` on every state change (from the supervisor's thread: keep it quick)."""
@@ -446,7 +446,8 @@ class ComfySupervisor:
         return info
 
     def _crash_info(self, generation: int, proc: ComfyProcess, status: ExitStatus, reason: str) -> CrashInfo:
-        return CrashInfo(generation, proc.pid, status.exit_code, status.signal, reason, tuple(self._ring.tail(20)))
+        return CrashInfo(generation, proc.pid, status.exit_code, status.signal, reason,
+                         tuple(self._ring.explanatory_tail(20)))
 
     def _after_failure(self, info: CrashInfo) -> float | None:
         """Record a failure; the delay before the next start, or None when the crash loop breaker trips."""
@@ -468,7 +469,7 @@ class ComfySupervisor:
         return delay
 
     def _fail(self, reason: str, *, with_log: bool = True) -> None:
-        tail = self._ring.tail(15) if with_log else []
+        tail = self._ring.explanatory_tail(15) if with_log else []
         detail = ("\nLast ComfyUI output:\n  " + "\n  ".join(tail)) if tail else ""
         self._set_state(State.FAILED, reason + detail)
 
