@@ -253,6 +253,7 @@ class Settings:
     max_connections: int = 512
     max_queue: int = 100
     job_retention_s: float = 3600.0
+    journal_vacuum_interval_s: float = 600.0
     endpoint_id: str | None = None
     runsync_envelope: str = "runpod"
     health_port: int | None = None  # runpod-lb: PORT_HEALTH when it differs from the API's port
@@ -391,6 +392,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_connections=r.integer("MAX_CONNECTIONS", 512, lo=1),
         max_queue=r.integer("MAX_QUEUE", 100, lo=1),
         job_retention_s=r.number("JOB_RETENTION_S", 3600.0, lo=0),
+        journal_vacuum_interval_s=r.number("JOURNAL_VACUUM_INTERVAL_S", 600.0, lo=0),
         endpoint_id=r.raw("RUNPOD_ENDPOINT_ID"),
         runsync_envelope=r.choice("RUNSYNC_ENVELOPE", "runpod", RUNSYNC_ENVELOPES),
         health_port=health_port,

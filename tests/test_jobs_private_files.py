@@ -32,7 +32,7 @@ def previewed(prefix: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Rig:
-    with supervisor_rig(tmp_path_factory.mktemp("private"), STANDIN_NODE_FAULT="ImageBlur:sleep:4",
+    with supervisor_rig(tmp_path_factory.mktemp("private"), STANDIN_NODE_FAULT="ImageBlur:sleep:4,ImageScale:error:boom",
                         INTERRUPT_GRACE_S=str(GRACE_S)) as r:
         yield r
 
@@ -81,11 +81,12 @@ async def test_a_failed_and_a_successful_job_leave_nothing(rig: Rig) -> None:
         result = await run(engine, {"workflow": graph, "timeout_s": 30, "include_temp": True}, "ok")
         assert [o.type for o in result.outputs] == ["temp", "output", "output"]
         await _files_gone(rig)
-        graph["4"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
-                                                               "scale_by": -1.0}}
+        graph["4"] = {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
+                                                             "width": 8, "height": 8, "crop": "disabled"}}
         graph["1"]["inputs"]["color"] = 0x20  # not from the cache
-        with pytest.raises((ExecutionError, ValidationError)):
+        with pytest.raises(ExecutionError) as info:  # after the preview and the first image were written
             await run(engine, {"workflow": graph, "timeout_s": 30}, "failed")
+        assert "raised Exception: boom" in info.value.message, info.value.message
         await _files_gone(rig)
     finally:
         await engine.close()

@@ -54,6 +54,7 @@ from supervisor.metrics import WorkerMetrics
 log = logging.getLogger("supervisor.api")
 
 PURGE_INTERVAL_S = 60.0
+RECLAIM_LOG_BYTES = 1 << 20  # a reclaim that gives back less is not worth a log line
 UNSAVED_RETRY_S = 1.0  # how often the end of a job the journal could not record (a full disk) is written again
 MAX_STREAM_ITEMS = 1000
 SHUTDOWN_MESSAGE = "the worker shut down before the job finished (SHUTDOWN_GRACE_S={grace:g} s passed)"
@@ -135,6 +136,7 @@ class JobService:
         self._purger: asyncio.Task[None] | None = None
         self._unsaved: dict[str, Job] = {}  # finished jobs whose end the journal could not record yet
         self._flusher: asyncio.Task[None] | None = None
+        self._vacuumer: asyncio.Task[None] | None = None
         self._webhooks = WebhookSender(settings.url_input_allowlist)
         self._started_at = time.time()
         self.metrics = metrics or WorkerMetrics.disabled()
@@ -158,6 +160,8 @@ class JobService:
         self._runners = [asyncio.create_task(self._runner(n), name=f"job-runner-{n}")
                          for n in range(self.settings.max_concurrency)]
         self._purger = asyncio.create_task(self._purge_loop(), name="job-purge")
+        if self.settings.journal_vacuum_interval_s > 0:
+            self._vacuumer = asyncio.create_task(self._vacuum_loop(), name="journal-vacuum")
 
     def begin_shutdown(self) -> None:
         """No new jobs; the runners finish the job they hold and take no other."""
@@ -180,8 +184,9 @@ class JobService:
             task.cancel()
         if self._purger is not None:
             self._purger.cancel()
-        if self._flusher is not None:
-            self._flusher.cancel()
+        for task in (self._flusher, self._vacuumer):
+            if task is not None:
+                task.cancel()
         if self._background:
             await asyncio.wait(list(self._background), timeout=WEBHOOK_TIMEOUT_S)
         for task in list(self._background):
@@ -509,6 +514,18 @@ class JobService:
                 await self.purge()
             except JournalWriteError as exc:  # a full disk: purge again next time
                 log.warning("purging finished jobs failed: %s", exc)
+
+    async def _vacuum_loop(self) -> None:
+        """Every JOURNAL_VACUUM_INTERVAL_S, give the journal's free space back (it never shrinks by itself)."""
+        while True:
+            await asyncio.sleep(self.settings.journal_vacuum_interval_s)
+            try:
+                before, after = await self.journal.reclaim()
+            except JournalWriteError as exc:
+                log.warning("reclaiming the journal's free space failed: %s", exc)
+                continue
+            if before - after >= RECLAIM_LOG_BYTES:
+                log.info("journal %s: %.1f MB -> %.1f MB", self.journal.path, before / 1e6, after / 1e6)
 
     async def purge(self) -> None:
         cutoff = time.time() - self.settings.job_retention_s
