@@ -38,8 +38,8 @@ dev: venv ## Run the worker on this machine (no GPU) against the stand-in ComfyU
 	COMFYUI_DIR=tests/standin COMFYUI_ARGS="--cpu" DATA_DIR="$(DEV_DATA)" MODELS_DIR="$(DEV_DATA)/models" \
 	WORKER_MODE=http STATE_FILE="$(DEV_DATA)/state.json" $(PY) -m supervisor
 
-bench: venv ## Benchmarks: prints a table, writes bench.json and docs/benchmarks.md (QUICK=1 for the CI version)
-	@echo ">> benchmarks against $${COMFYUI_DIR:-the stand-in ComfyUI}$(if $(QUICK), (quick))"
+bench: venv ## Benchmarks on the stand-in and the real ComfyUI: a table, bench.json, docs/benchmarks.md (QUICK=1: CI)
+	@echo ">> benchmarks against the stand-in and (when prepared: make real-comfyui) the real ComfyUI$(if $(QUICK), (quick))"
 	$(PY) scripts/bench.py $(if $(QUICK),--quick)
 
 chaos: venv ## Chaos soak through the self-hosted API: 500 jobs while ComfyUI is killed and stopped (QUICK=1: ~60 jobs)
@@ -53,11 +53,15 @@ YES = $(filter 1 true yes TRUE YES True Yes,$(1))
 
 # ------------------------------------------------------------------------------------------------ the real ComfyUI
 # ComfyUI 0.3.64 and the pinned node packs from ../shared/upstream/, in a CPU venv cached under
-# ~/.cache/comfyui-worker/real-comfyui/<key> (REAL_COMFYUI_CACHE, REAL_COMFYUI_UPSTREAM; docs/benchmarks.md).
+# ~/.cache/comfyui-worker/real-comfyui/<key> (REAL_COMFYUI_CACHE, REAL_COMFYUI_UPSTREAM; docs/real-comfyui.md).
 real-comfyui: venv ## Prepare the real ComfyUI for test-real and bench (cached; ~3 min and ~3 GB the first time)
 	$(PY) scripts/real_comfyui.py
 
-.PHONY: real-comfyui
+test-real: venv ## Run the real tier: the tests marked `real`, against the real ComfyUI on the CPU
+	@$(PY) scripts/real_comfyui.py --locate >/dev/null
+	$(PY) -m pytest -m real $(PYTEST_ARGS)
+
+.PHONY: real-comfyui test-real
 
 # ------------------------------------------------------------------------------------------------ the image
 # `make build` bakes ComfyUI, the pinned custom nodes (custom_nodes.txt) and the verified models (models.yaml)

@@ -3,9 +3,10 @@
 
     python scripts/bench.py [--quick] [--json bench.json] [--markdown docs/benchmarks.md]
 
-Runs against the stand-in ComfyUI by default, or against any ComfyUI given by ``COMFYUI_DIR`` and
-``COMFYUI_PYTHON`` (read here, once). Every figure is ``{median, min, max, n}`` over repeated runs, printed as a
-table beside its target, written to ``bench.json`` and to the generated part of ``docs/benchmarks.md``.
+Measures against the stand-in ComfyUI and, in the same run, against the real ComfyUI 0.3.64 on the CPU that
+``make real-comfyui`` prepared (when it has not, the first line says so and only the stand-in is measured).
+Every figure is ``{median, min, max, n}`` over repeated runs, printed as a table with one column per ComfyUI
+beside its target, written to ``bench.json`` and to the generated part of ``docs/benchmarks.md``.
 ``--quick`` runs few repeats on small sizes; it is what CI runs, and it checks that every key is present.
 """
 
@@ -58,19 +59,25 @@ TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
 
 @dataclass(frozen=True)
 class BenchEnv:
-    """Where ComfyUI comes from: the stand-in unless COMFYUI_DIR / COMFYUI_PYTHON name a real one."""
+    """One ComfyUI to measure: the stand-in or the prepared real one (the worker is told only its folder and
+    interpreter, as a user would)."""
 
+    name: str
     comfyui_dir: Path
     comfyui_python: str
     quick: bool
 
     @classmethod
-    def from_environ(cls, quick: bool) -> "BenchEnv":
-        return cls(
-            Path(os.environ.get("COMFYUI_DIR") or STANDIN).resolve(),
-            os.environ.get("COMFYUI_PYTHON") or sys.executable,
-            quick,
-        )
+    def standin(cls, quick: bool) -> "BenchEnv":
+        return cls("stand-in", STANDIN.resolve(), sys.executable, quick)
+
+    @classmethod
+    def real(cls, quick: bool) -> "BenchEnv | None":
+        """The real ComfyUI of ``make real-comfyui``, or None when this machine has not prepared it."""
+        from tests.helpers.real_comfyui import find_real_comfyui
+
+        found = find_real_comfyui()
+        return None if found is None else cls("real", found.comfyui_dir, str(found.python), quick)
 
     @property
     def is_standin(self) -> bool:
@@ -97,6 +104,7 @@ def worker_environ(bench: BenchEnv, data: Path, **extra: Any) -> dict[str, str]:
         COMFYUI_PYTHON=bench.comfyui_python,
         COMFYUI_PORT=str(free_port()),
         COMFYUI_ARGS="--cpu",
+        COMFYUI_START_TIMEOUT_S="120",
         DATA_DIR=str(data),
         MODELS_DIR=str(data / "models"),
         VOLUME_MODELS_DIR=str(data / "no-volume"),
@@ -357,36 +365,46 @@ async def last_exec_ms(http: aiohttp.ClientSession, comfy: str) -> float:
     return comfy_exec_ms(entry)
 
 
-async def api_job_overhead(http: aiohttp.ClientSession, worker: Worker, seed: int, size: int) -> float:
-    """One /runsync job returning one size x size PNG: its latency minus ComfyUI's own execution, in ms."""
+async def api_job_latency(http: aiohttp.ClientSession, worker: Worker, seed: int, size: int) -> tuple[float, float]:
+    """One /runsync job returning one size x size PNG: (its latency, ComfyUI's own execution time), in ms."""
     body = {"input": {"workflow": png_job_graph(seed, size)}}
     t0 = time.perf_counter()
     async with http.post(f"{worker.api}/runsync", json=body) as r:
         answer = await r.json()
     latency = (time.perf_counter() - t0) * 1000
     assert answer.get("status") == "COMPLETED" and answer["output"]["images"], answer
-    return latency - await last_exec_ms(http, worker.comfy)
+    return latency, await last_exec_ms(http, worker.comfy)
 
 
-async def api_overheads(worker: Worker, repeats: int, size: int) -> list[float]:
-    samples = []
+async def api_overheads(worker: Worker, repeats: int, size: int) -> tuple[list[float], float]:
+    """Overheads of the jobs after the first, and the first job's penalty: its latency minus the median
+    latency of the others (the first prompt after a start loads ComfyUI's nodes' code paths and our caches)."""
+    samples, latencies = [], []
     async with aiohttp.ClientSession() as http:
         await wait_http(http, f"{worker.api}/ready")
         for i in range(repeats + 1):
-            overhead = await api_job_overhead(http, worker, 5000 + i, size)
+            latency, exec_ms = await api_job_latency(http, worker, 5000 + i, size)
+            latencies.append(latency)
             if i:  # the first job warms the object_info cache and the connections
-                samples.append(overhead)
-    return samples
+                samples.append(latency - exec_ms)
+    return samples, latencies[0] - statistics.median(latencies[1:])
 
 
-def api_overhead_and_rss(bench: BenchEnv, work: Path) -> tuple[list[float], list[float]]:
-    env = worker_environ(bench, work / "api", WORKER_MODE="http", API_PORT=free_port())
-    worker = Worker(env, work / "api.log")
-    try:
-        samples = asyncio.run(api_overheads(worker, bench.repeats(20, 5), 1024))
-        return samples, [worker.rss_mb()]
-    finally:
-        worker.stop()
+def api_overhead_and_rss(bench: BenchEnv, work: Path) -> tuple[list[float], list[float], list[float]]:
+    """API overheads, the worker's RSS and the first-job penalty, over ``repeats(2, 1)`` fresh workers."""
+    samples, rss, first = [], [], []
+    for r in range(bench.repeats(2, 1)):
+        env = worker_environ(bench, work / f"api{r}", WORKER_MODE="http", API_PORT=free_port())
+        worker = Worker(env, work / f"api{r}.log")
+        try:
+            overheads_ms, penalty_ms = asyncio.run(api_overheads(worker, bench.repeats(20, 5), 1024))
+            samples += overheads_ms
+            first.append(penalty_ms)
+            rss.append(worker.rss_mb())
+        finally:
+            worker.stop()
+    return samples, rss, first
+
 
 
 async def overheads_with_and_without_metrics(on: Worker, off: Worker, repeats: int) -> dict[str, list[float]]:
@@ -406,9 +424,9 @@ async def overheads_with_and_without_metrics(on: Worker, off: Worker, repeats: i
         try:
             for i in range(repeats + 1):
                 for name, worker in (("on", on), ("off", off))[:: 1 if i % 2 else -1]:  # alternate who goes first
-                    overhead = await api_job_overhead(http, worker, 7000 + i, 1024)
+                    latency, exec_ms = await api_job_latency(http, worker, 7000 + i, 1024)
                     if i:  # the first job of each warms its caches and connections
-                        samples[name].append(overhead)
+                        samples[name].append(latency - exec_ms)
         finally:
             scraper.cancel()
     return samples
@@ -551,10 +569,11 @@ THROUGHPUT_RUNS: dict[str, dict[str, Any]] = {
     # key -> the worker's settings; MAX_CONCURRENCY defaults to the number of instances
     "concurrency_1": {"MAX_CONCURRENCY": 1},  # one instance, one job at a time: the baseline
     "concurrency_2": {"MAX_CONCURRENCY": 2},  # one instance, two jobs at once
-    "instances_2": {"COMFYUI_INSTANCES": 2},  # two instances, one job each
 }
-# The same with every node of the stand-in waiting 50 ms, as a GPU keeps ComfyUI waiting (stand-in only)
+# Stand-in only: two instances, one job each; and both with every node of the stand-in waiting 50 ms, as a GPU
+# keeps ComfyUI waiting
 SLOW_NODE_RUNS: dict[str, dict[str, Any]] = {
+    "instances_2": {"COMFYUI_INSTANCES": 2},
     "node_wait_50ms.instances_1": {"STANDIN_NODE_DELAY_S": 0.05},
     "node_wait_50ms.instances_2": {"STANDIN_NODE_DELAY_S": 0.05, "COMFYUI_INSTANCES": 2},
 }
@@ -632,25 +651,42 @@ def flatten(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def table(result: dict[str, Any]) -> str:
-    rows = ["| figure | median | min | max | n | target | met |", "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
-    for key, value in flatten(result).items():
-        target, ok = TARGETS.get(key, ("", None))
-        if isinstance(value, dict):
-            med, lo, hi, n = value["median"], value["min"], value["max"], value["n"]
-        else:
-            med, lo, hi, n = value, "", "", ""
-        met = "" if ok is None or not isinstance(med, (int, float)) else ("yes" if ok(med) else "**no**")
-        rows.append(f"| `{key}` | {med} | {lo} | {hi} | {n} | {target} | {met} |")
+def cell(value: Any) -> str:
+    """``median (min-max, n=N)`` of a summary, or the bare value."""
+    if isinstance(value, dict):
+        return f"{value['median']} ({value['min']}-{value['max']}, n={value['n']})"
+    return "" if value is None else str(value)
+
+
+def met(key: str, value: Any) -> str:
+    target = TARGETS.get(key)
+    med = value["median"] if isinstance(value, dict) else value
+    if target is None or not isinstance(med, (int, float)):
+        return ""
+    return "yes" if target[1](med) else "**no**"
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per figure, one column per ComfyUI measured (median, min-max and n), then target and met."""
+    names = list(results)
+    flat = {name: flatten(result) for name, result in results.items()}
+    keys = list(dict.fromkeys(k for name in names for k in flat[name]))
+    rows = ["| figure | " + " | ".join(names) + " | target | met (" + " / ".join(names) + ") |",
+            "| --- | " + " | ".join("---:" for _ in names) + " | --- | --- |"]
+    for key in keys:
+        values = [flat[name].get(key) for name in names]
+        marks = " / ".join(met(key, v) or "-" for v in values) if key in TARGETS else ""
+        rows.append(f"| `{key}` | " + " | ".join(cell(v) for v in values) + f" | {TARGETS.get(key, ('',))[0]} | "
+                    f"{marks} |")
     return "\n".join(rows)
 
 
-def write_markdown(path: Path, result: dict[str, Any], meta: dict[str, Any]) -> None:
+def write_markdown(path: Path, results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
     generated = "\n".join([
         MARK_BEGIN,
         f"Run {meta['date']} on {meta['machine']}, against {meta['comfyui']} ({meta['mode']} mode).",
         "",
-        table(result),
+        table(results),
         MARK_END,
     ])
     text = path.read_text() if path.exists() else "# Benchmarks\n\n" + MARK_BEGIN + "\n" + MARK_END + "\n"
@@ -664,53 +700,67 @@ def write_markdown(path: Path, result: dict[str, Any], meta: dict[str, Any]) -> 
 
 
 def measure(bench: BenchEnv) -> dict[str, Any]:
+    """Every ComfyUI-dependent figure against ``bench``'s ComfyUI."""
+    print(f"bench: measuring against the {bench.name} ComfyUI ({bench.comfyui_dir})", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         alone = comfy_alone_start_s(bench, work)
         timings = supervisor_timings(bench, work, statistics.median(alone))
         clients = overheads(bench, work)
-        api, rss = api_overhead_and_rss(bench, work)
-        with_metrics = metrics_overhead(bench, work)
-        recording = metrics_record_us(bench)
+        api, rss, first = api_overhead_and_rss(bench, work)
+        with_metrics = metrics_overhead(bench, work) if bench.is_standin else None
+        recording = metrics_record_us(bench) if bench.is_standin else None
         runpod = runpod_overheads(bench, work)
         sdk_floor = runpod_sdk_floor(bench, work)
         rates = throughput(bench, work)
-        fetch = fetch_hash_overhead(bench, work)
     ours = statistics.median(api)
-    metrics_ratio = statistics.median(with_metrics["on"]) / statistics.median(with_metrics["off"])
     result: dict[str, Any] = {
         "overhead_ms": {"api": summary(api), "runpod": summary(runpod)},
-        "metrics_overhead_ms": {k: summary(v) for k, v in with_metrics.items()},
-        "metrics_overhead_ratio": round(metrics_ratio, 3),
-        "metrics_record_us": summary(recording),
         "runpod_sdk_floor_ms": summary(sdk_floor),
         **{k: summary(v) for k, v in clients.items()},
         "polling_ratio": round(statistics.median(clients["polling_overhead_ms"]) / max(ours, 0.001), 1),
+        "first_job_penalty_ms": summary(first),
         **{k: summary(v) for k, v in timings.items()},
         "comfyui_start_alone_s": summary(alone),
         "throughput_jobs_s": nest({k: summary(v) for k, v in rates.items()}),
-        "instances_2_throughput_ratio": round(statistics.median(rates["instances_2"])
-                                              / statistics.median(rates["concurrency_1"]), 2),
         "worker_rss_mb": summary(rss),
-        "fetch_hash_overhead_pct": fetch,
     }
+    if with_metrics is not None and recording is not None:
+        result["metrics_overhead_ms"] = {k: summary(v) for k, v in with_metrics.items()}
+        result["metrics_overhead_ratio"] = round(statistics.median(with_metrics["on"])
+                                                 / statistics.median(with_metrics["off"]), 3)
+        result["metrics_record_us"] = summary(recording)
+    if "instances_2" in rates:
+        result["instances_2_throughput_ratio"] = round(statistics.median(rates["instances_2"])
+                                                       / statistics.median(rates["concurrency_1"]), 2)
     return result
 
 
-REQUIRED_KEYS = (
-    "overhead_ms.api", "overhead_ms.runpod", "metrics_overhead_ms.on", "metrics_overhead_ms.off",
-    "metrics_overhead_ratio", "metrics_record_us", "runpod_sdk_floor_ms", "floor_overhead_ms", "polling_overhead_ms",
-    "polling_ratio", "ready_detect_ms", "crash_detect_ms", "restart_overhead_s", "comfyui_start_alone_s",
-    "throughput_jobs_s.concurrency_1", "throughput_jobs_s.concurrency_2", "throughput_jobs_s.instances_2",
-    "instances_2_throughput_ratio", "worker_rss_mb",
-    "fetch_hash_overhead_pct.loopback_unthrottled", "fetch_hash_overhead_pct.link_200MiBs",
+def measure_fetch(quick: bool) -> dict[str, Any]:
+    """The fetcher's figure does not involve ComfyUI: measured once, shown in the stand-in's column."""
+    with tempfile.TemporaryDirectory(prefix="bench-fetch-") as tmp:
+        return {"fetch_hash_overhead_pct": fetch_hash_overhead(BenchEnv.standin(quick), Path(tmp))}
+
+
+COMFY_KEYS = (
+    "overhead_ms.api", "overhead_ms.runpod", "runpod_sdk_floor_ms", "floor_overhead_ms", "polling_overhead_ms",
+    "polling_ratio", "first_job_penalty_ms", "ready_detect_ms", "crash_detect_ms", "restart_overhead_s",
+    "comfyui_start_alone_s", "throughput_jobs_s.concurrency_1", "throughput_jobs_s.concurrency_2",
+    "worker_rss_mb",
 )
+# Measured on the stand-in only: what metrics cost the worker, and what a second instance adds (ComfyUI's own
+# speed does not enter either; on the real one they would add minutes of boots).
+STANDIN_KEYS = (
+    "metrics_overhead_ms.on", "metrics_overhead_ms.off", "metrics_overhead_ratio", "metrics_record_us",
+    "throughput_jobs_s.instances_2", "instances_2_throughput_ratio",
+)
+FETCH_KEYS = ("fetch_hash_overhead_pct.loopback_unthrottled", "fetch_hash_overhead_pct.link_200MiBs")
 
 
-def missing_keys(result: dict[str, Any]) -> list[str]:
+def missing_keys(result: dict[str, Any], required: Sequence[str]) -> list[str]:
     """Keys absent, or summaries without their four fields: what the CI run checks."""
     flat = flatten(result)
-    bad = [k for k in REQUIRED_KEYS if k not in flat]
+    bad = [k for k in required if k not in flat]
     for key, value in flat.items():
         if isinstance(value, dict) and set(value) != {"median", "min", "max", "n"}:
             bad.append(key)
@@ -723,22 +773,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
-    bench = BenchEnv.from_environ(args.quick)
-    result = measure(bench)
+    benches = [BenchEnv.standin(args.quick)]
+    real = BenchEnv.real(args.quick)
+    if real is None:
+        from tests.helpers.real_comfyui import not_prepared_message
+
+        print(f"bench: only the stand-in is measured: {not_prepared_message()}", flush=True)
+    else:
+        benches.append(real)
+    results = {b.name: measure(b) for b in benches}
+    results["stand-in"].update(measure_fetch(args.quick))
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
-        "comfyui": "the stand-in" if bench.is_standin else str(bench.comfyui_dir),
-        "mode": "quick" if bench.quick else "full",
+        "comfyui": " and ".join(("the stand-in" if b.is_standin else "the real ComfyUI 0.3.64 on the CPU")
+                                for b in benches),
+        "mode": "quick" if args.quick else "full",
     }
-    print(table(result))
-    args.json.write_text(json.dumps({"meta": meta, **result}, indent=2))
-    write_markdown(args.markdown, result, meta)
-    missing = missing_keys(result)
+    print(table(results))
+    args.json.write_text(json.dumps({"meta": meta, **results}, indent=2))
+    write_markdown(args.markdown, results, meta)
+    missing = [f"{name}: {key}" for name, result in results.items()
+               for key in missing_keys(result, COMFY_KEYS + (STANDIN_KEYS + FETCH_KEYS if name == "stand-in" else ()))]
     if missing:
         print(f"bench: {len(missing)} figure(s) missing or malformed: {', '.join(missing)}", file=sys.stderr)
         return 1
-    print(f"bench: all {len(REQUIRED_KEYS)} figures present; wrote {args.json} and {args.markdown}")
+    print(f"bench: every figure present for {', '.join(results)}; wrote {args.json} and {args.markdown}")
     return 0
 
 

@@ -50,6 +50,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -203,6 +204,19 @@ def invert(img: Image.Image) -> Image.Image:
     return img.convert("RGB").point(lambda v: 255 - v)
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+# What SaveImage writes after ImageInvert of a loaded image: ComfyUI computes 1.0 - v/255 in float32, then
+# writes uint8(255 * x), truncating (200 -> 54, not 55); the stand-in does the same (tests/standin/nodes).
+INVERT_SAVED = [int(min(max(_f32(255.0 * _f32(1.0 - _f32(v / 255.0))), 0.0), 255.0)) for v in range(256)]
+
+
+def invert_saved(img: Image.Image) -> Image.Image:
+    return img.convert("RGB").point(INVERT_SAVED * 3)
+
+
 def seed_png(seed: int, size: int = 16) -> tuple[bytes, Image.Image]:
     """An input image made from the seed: every pixel from its hash."""
     data = b""
@@ -287,7 +301,7 @@ def make_job(index: int, seed: int, kind: str, rng: random.Random) -> JobSpec:
         body = {"workflow": graph}
         if not inline:
             body["images"] = [{"name": name, "image": base64.b64encode(png).decode()}]
-        expect = [digest_image(invert(img))]
+        expect = [digest_image(invert_saved(img))]
         runtime = 3 * NODE_DELAY_S
         ref = None
     else:  # sampler, deadline

@@ -1,5 +1,6 @@
 """Shared pytest fixtures. ``standin``: a stand-in ComfyUI process for one test, stopped at teardown;
-``standin_factory``: start several / with options (env, models, custom nodes, extra args)."""
+``standin_factory``: start several / with options (env, models, custom nodes, extra args); ``comfy``: the
+ComfyUI a test runs against, parametrised over the stand-in and the real one (marker ``real``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.helpers.checkout import cache_home, checkout_entries
+from tests.helpers.comfy_targets import STANDIN_TARGET, ComfyTarget, real_target, start_comfyui
 from tests.helpers.standin import StandIn, start_standin
 
 # Hypothesis keeps its example database and constants in ./.hypothesis by default: in the checkout.
@@ -40,15 +42,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(f"  {line}")
 
 
-@pytest.fixture
-def standin_factory(tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
-    """``standin_factory(env=..., models=..., extra_args=..., custom_node_dirs=..., wait=...)``."""
+def stopped_at_teardown(start: Callable[..., StandIn]) -> Iterator[Callable[..., StandIn]]:
+    """A factory fixture's body: yields ``start`` and stops every ComfyUI it started once the test is done."""
     started: list[StandIn] = []
 
     def factory(**kwargs) -> StandIn:
-        sd = start_standin(tmp_path, **kwargs)
-        started.append(sd)
-        return sd
+        started.append(start(**kwargs))
+        return started[-1]
 
     yield factory
     for sd in started:
@@ -56,6 +56,41 @@ def standin_factory(tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
 
 
 @pytest.fixture
+def standin_factory(tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
+    """``standin_factory(env=..., models=..., extra_args=..., custom_node_dirs=..., wait=...)``."""
+    yield from stopped_at_teardown(lambda **kwargs: start_standin(tmp_path, **kwargs))
+
+
+@pytest.fixture
 def standin(standin_factory: Callable[..., StandIn]) -> StandIn:
     """A default stand-in ComfyUI (no models) serving on a free port."""
     return standin_factory()
+
+
+@pytest.fixture(scope="session", params=["standin", pytest.param("real", marks=pytest.mark.real)])
+def comfy(request: pytest.FixtureRequest) -> ComfyTarget:
+    """The ComfyUI under test: the stand-in in ``make test``, the real ComfyUI in ``make test-real``.
+
+    A test that runs on the real one says so through this parameter's ``real`` marker; when the real ComfyUI
+    has not been prepared, such a test fails saying how to prepare it (it is never skipped silently)."""
+    if request.param == "standin":
+        return STANDIN_TARGET
+    target = real_target()
+    if target is None:
+        from tests.helpers.real_comfyui import not_prepared_message
+
+        pytest.fail(not_prepared_message(), pytrace=False)
+    return target
+
+
+@pytest.fixture
+def comfy_factory(comfy: ComfyTarget, tmp_path: Path) -> Iterator[Callable[..., StandIn]]:
+    """``standin_factory`` for the ``comfy`` target: the stand-in or the real ComfyUI, started the same way
+    (the protocol conformance checks use it, so they run against both)."""
+    yield from stopped_at_teardown(lambda **kwargs: start_comfyui(comfy, tmp_path, **kwargs))
+
+
+@pytest.fixture
+def comfyui(comfy_factory: Callable[..., StandIn]) -> StandIn:
+    """A default ComfyUI of the ``comfy`` target (no models) serving on a free port: ``standin`` for both."""
+    return comfy_factory()

@@ -32,8 +32,9 @@ EXPECTED = {
     "invalid_int": ["node 1 (EmptyImage) input width: Failed to convert an input value to a INT value (received 'abc')"],
     "bad_link_length": ["node 2 (SaveImage) input images: Bad linked input, must be a length-2 list of [node_id, slot_index]"],
     "link_to_missing_node": ["node 2 (SaveImage): Exception when validating node: KeyError '99'"],
-    "two_errors_in_one_node_and_two_outputs": ["node 1 (EmptyImage) input height: required input is missing",
-                                               "node 1 (EmptyImage) input width: Value 0 smaller than min of 1"],
+    # one node's problems in the order the node declares its inputs (ComfyUI's own order varies per start)
+    "two_errors_in_one_node_and_two_outputs": ["node 1 (EmptyImage) input width: Value 0 smaller than min of 1",
+                                               "node 1 (EmptyImage) input height: required input is missing"],
     "ipadapter_model_nonexistent": ["node 1 (IPAdapterModelLoader) input ipadapter_file: 'ip-adapter_sd15.safetensors' is not installed; installed: none"],
     "clipvision_nonexistent": ["node 7 (CheckpointLoaderSimple) input ckpt_name: 'sd15.safetensors' is not installed; installed: none",
                                "node 1 (CLIPVisionLoader) input clip_name: 'CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors' is not installed; installed: none"],

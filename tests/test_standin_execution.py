@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.helpers.standin import StandIn, TranscriptReplayer, load_transcript
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)
 
 
 def _assert_clean(replayer: TranscriptReplayer, **kwargs) -> None:
@@ -23,8 +23,8 @@ def _assert_clean(replayer: TranscriptReplayer, **kwargs) -> None:
     assert not problems, "\n".join(problems)
 
 
-async def test_a_emptyimage_saveimage_session_matches_recording(standin_factory) -> None:
-    sd: StandIn = standin_factory(use_extra_model_paths=False)
+async def test_a_emptyimage_saveimage_session_matches_recording(comfy_factory) -> None:
+    sd: StandIn = comfy_factory(use_extra_model_paths=False)
     # The recorded server already had acc_a_00001_/00002_ from earlier runs: the counter is per prefix.
     for n in (1, 2):
         Image.new("RGB", (2, 2)).save(sd.output_dir / f"acc_a_{n:05}_.png")
@@ -50,16 +50,17 @@ async def _burn_numbers(session: aiohttp.ClientSession, sd: StandIn, count: int)
 
 
 def _sorted_current_outputs(value):
-    """``current_outputs`` is ``list(set)`` in ComfyUI: hash order, different in every process."""
+    """``current_outputs`` and an interruption's or error's ``executed`` are ``list(set)`` in ComfyUI: hash
+    order, different in every process."""
     if isinstance(value, list):
         return [_sorted_current_outputs(v) for v in value]
     if isinstance(value, dict):
-        return {k: (sorted(v) if k == "current_outputs" else _sorted_current_outputs(v)) for k, v in value.items()}
+        return {k: (sorted(v) if k in ("current_outputs", "executed") else _sorted_current_outputs(v)) for k, v in value.items()}
     return value
 
 
-async def test_d_execution_errors_match_recording(standin_factory) -> None:
-    sd: StandIn = standin_factory(use_extra_model_paths=False)
+async def test_d_execution_errors_match_recording(comfy_factory) -> None:
+    sd: StandIn = comfy_factory(use_extra_model_paths=False)
     events = load_transcript("d_execution_error")
     # The escape refusal names the real folders: recompute the recorded message for this run's output dir.
     out = str(sd.output_dir)
@@ -79,8 +80,8 @@ async def test_d_execution_errors_match_recording(standin_factory) -> None:
     assert not any(sd.output_dir.iterdir()), "nothing may be written by failed prompts"
 
 
-async def test_x_coercion_prompt_matches_recording(standin_factory) -> None:
-    sd: StandIn = standin_factory(use_extra_model_paths=False)
+async def test_x_coercion_prompt_matches_recording(comfy_factory) -> None:
+    sd: StandIn = comfy_factory(use_extra_model_paths=False)
     events = load_transcript("x_edge_cases")
     keep = [e for e in events if e["kind"] != "http" or e["request"]["path"] in ("/prompt",)
             or e["request"]["path"].startswith("/history/")]
@@ -91,14 +92,14 @@ async def test_x_coercion_prompt_matches_recording(standin_factory) -> None:
     _assert_clean(replayer, skip_types=frozenset())
 
 
-async def test_identical_resubmission_replays_outputs_without_new_file(standin: StandIn) -> None:
+async def test_identical_resubmission_replays_outputs_without_new_file(comfyui: StandIn) -> None:
     prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 2, "color": 7}},
               "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "job/x"}}}
     async with aiohttp.ClientSession() as s:
-        first = await _run(s, standin, prompt, "c1")
-        second = await _run(s, standin, prompt, "c1")
+        first = await _run(s, comfyui, prompt, "c1")
+        second = await _run(s, comfyui, prompt, "c1")
         prompt["2"]["inputs"]["filename_prefix"] = "job2/x"  # new prefix: only the output node re-runs
-        third = await _run(s, standin, prompt, "c1")
+        third = await _run(s, comfyui, prompt, "c1")
     assert _types(first) == ["execution_start", "execution_cached", "executing", "executing", "executed",
                              "execution_success", "executing"]
     assert _cached(second) == ["1", "2"] and _types(second) == ["execution_start", "execution_cached", "executed",
@@ -108,53 +109,53 @@ async def test_identical_resubmission_replays_outputs_without_new_file(standin: 
         {"filename": "x_00002_.png", "subfolder": "job", "type": "output"}]
     assert _cached(third) == ["1"]
     assert [m["data"]["node"] for m in third if m["type"] == "executing"] == ["2", None]
-    assert sorted(p.name for p in (standin.output_dir / "job").iterdir()) == ["x_00001_.png", "x_00002_.png"]
-    assert (standin.output_dir / "job2" / "x_00001_.png").is_file()
+    assert sorted(p.name for p in (comfyui.output_dir / "job").iterdir()) == ["x_00001_.png", "x_00002_.png"]
+    assert (comfyui.output_dir / "job2" / "x_00001_.png").is_file()
 
 
-async def test_free_memory_drops_the_cache(standin: StandIn) -> None:
+async def test_free_memory_drops_the_cache(comfyui: StandIn) -> None:
     prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 7}},
               "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "f"}}}
     async with aiohttp.ClientSession() as s:
-        await _run(s, standin, prompt, "c1")
-        async with s.post(standin.url + "/free", json={"unload_models": True}) as r:
+        await _run(s, comfyui, prompt, "c1")
+        async with s.post(comfyui.url + "/free", json={"unload_models": True}) as r:
             assert r.status == 200 and await r.read() == b""
-        assert _cached(await _run(s, standin, prompt, "c1")) == ["1", "2"]  # unload_models keeps caches
-        async with s.post(standin.url + "/free", json={"free_memory": True}) as r:
+        assert _cached(await _run(s, comfyui, prompt, "c1")) == ["1", "2"]  # unload_models keeps caches
+        async with s.post(comfyui.url + "/free", json={"free_memory": True}) as r:
             assert r.status == 200
         # As in ComfyUI, the flag is handled by the worker thread once it wakes; a prompt posted in that instant
         # can run first (with the cache). Give it the moment an idle worker needs.
         await asyncio.sleep(0.3)
-        again = await _run(s, standin, prompt, "c1")
+        again = await _run(s, comfyui, prompt, "c1")
     assert _cached(again) == []
     assert _executed(again) == [{"filename": "f_00002_.png", "subfolder": "", "type": "output"}]
 
 
-async def test_changed_input_file_invalidates_loadimage_cache(standin: StandIn) -> None:
-    Image.new("RGB", (4, 4), (1, 2, 3)).save(standin.input_dir / "in.png")
+async def test_changed_input_file_invalidates_loadimage_cache(comfyui: StandIn) -> None:
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(comfyui.input_dir / "in.png")
     prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
               "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
               "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inv"}}}
     async with aiohttp.ClientSession() as s:
-        await _run(s, standin, prompt, "c1")
-        assert _cached(await _run(s, standin, prompt, "c1")) == ["1", "2", "3"]
-        Image.new("RGB", (4, 4), (9, 9, 9)).save(standin.input_dir / "in.png")
-        third = await _run(s, standin, prompt, "c1")
+        await _run(s, comfyui, prompt, "c1")
+        assert _cached(await _run(s, comfyui, prompt, "c1")) == ["1", "2", "3"]
+        Image.new("RGB", (4, 4), (9, 9, 9)).save(comfyui.input_dir / "in.png")
+        third = await _run(s, comfyui, prompt, "c1")
     assert _cached(third) == []
-    with Image.open(standin.output_dir / _executed(third)[0]["filename"]) as img:
+    with Image.open(comfyui.output_dir / _executed(third)[0]["filename"]) as img:
         assert img.getpixel((0, 0)) == (246, 246, 246)
 
 
-async def test_preview_image_goes_to_temp(standin: StandIn) -> None:
+async def test_preview_image_goes_to_temp(comfyui: StandIn) -> None:
     prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
               "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
     async with aiohttp.ClientSession() as s:
-        msgs = await _run(s, standin, prompt, "c1")
+        msgs = await _run(s, comfyui, prompt, "c1")
         (image,) = _executed(msgs)
         assert image["type"] == "temp" and image["subfolder"] == ""
         assert image["filename"].startswith("ComfyUI_temp_") and image["filename"].endswith("_00001_.png")
-        assert (standin.temp_dir / image["filename"]).is_file()
-        async with s.get(standin.url + "/view", params={"filename": image["filename"], "type": "temp"}) as r:
+        assert (comfyui.temp_dir / image["filename"]).is_file()
+        async with s.get(comfyui.url + "/view", params={"filename": image["filename"], "type": "temp"}) as r:
             assert r.status == 200 and r.content_type == "image/png"
 
 

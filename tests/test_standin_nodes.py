@@ -7,9 +7,15 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tests.helpers.standin import StandIn
+from tests.helpers.standin import StandIn, start_standin
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def standin_factory(comfy_factory):
+    """Every check of this module is a conformance check: it runs on the stand-in and on the real ComfyUI."""
+    return comfy_factory
 
 
 async def run(sd: StandIn, prompt: dict) -> list[dict]:
@@ -72,7 +78,8 @@ async def test_blur_blend_and_invert_change_pixels_as_expected(standin: StandIn)
     with opened(standin, out[0]) as blur:
         assert 0 < blur.getpixel((9, 5))[0] < 255 and blur.getpixel((0, 5)) == (0, 0, 0)
     with opened(standin, out[1]) as blend:
-        assert blend.getpixel((0, 0)) == (255, 255, 255) and blend.getpixel((15, 0)) == (255, 255, 255)
+        # "difference" is image1 - image2 clamped at 0 in ComfyUI: black - white = 0, white - black = 255
+        assert blend.getpixel((0, 0)) == (0, 0, 0) and blend.getpixel((15, 0)) == (255, 255, 255)
 
 
 async def test_load_image_mask_channels(standin: StandIn) -> None:
@@ -109,8 +116,10 @@ async def test_animated_outputs(standin: StandIn) -> None:
         assert img.n_frames == 3
 
 
-async def test_loader_fails_at_run_time_when_the_file_vanished(standin_factory) -> None:
-    sd = standin_factory(models={"checkpoints": ["gone.safetensors"]}, env={"STANDIN_NODE_DELAY_S": "0.5"})
+async def test_loader_fails_at_run_time_when_the_file_vanished(tmp_path, request) -> None:
+    """Stand-in only: the file is removed while STANDIN_NODE_DELAY_S holds the prompt (no such knob on the real)."""
+    sd = start_standin(tmp_path, models={"checkpoints": ["gone.safetensors"]}, env={"STANDIN_NODE_DELAY_S": "0.5"})
+    request.addfinalizer(sd.stop)
     prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "gone.safetensors"}},
               "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
               "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},

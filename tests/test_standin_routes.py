@@ -13,10 +13,17 @@ import json
 import aiohttp
 import pytest
 
-from tests.helpers.standin import (STANDIN_DIR, StandIn, diff_structure, http_events, load_transcript, path_mapping,
-                                   replay_request, start_standin, substitute)
+from tests.helpers.comfy_targets import ComfyTarget, start_comfyui
+from tests.helpers.standin import (StandIn, diff_structure, http_events, load_transcript, path_mapping,
+                                   replay_request, substitute)
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def standin_factory(comfy_factory):
+    """Every check of this module is a conformance check: it runs on the stand-in and on the real ComfyUI."""
+    return comfy_factory
 
 BASICS = http_events(load_transcript("basics"))
 EDGE = [e for e in http_events(load_transcript("x_edge_cases")) if "multipart" not in e["request"]
@@ -25,9 +32,10 @@ EDGE = [e for e in http_events(load_transcript("x_edge_cases")) if "multipart" n
 
 
 @pytest.fixture(scope="module")
-def recorded_like(tmp_path_factory: pytest.TempPathFactory):
-    """One stand-in started like the recorded server (flags of basics.json's argv, no model paths)."""
-    sd = start_standin(tmp_path_factory.mktemp("routes"), use_extra_model_paths=False)
+def recorded_like(comfy: ComfyTarget, tmp_path_factory: pytest.TempPathFactory):
+    """One ComfyUI (the stand-in, or the real one in ``make test-real``) started like the recorded server
+    (flags of basics.json's argv, no model paths)."""
+    sd = start_comfyui(comfy, tmp_path_factory.mktemp("routes"), use_extra_model_paths=False)
     yield sd
     sd.stop()
 
@@ -168,7 +176,7 @@ async def test_models_and_folder_paths_follow_extra_model_paths(standin_factory)
             assert "my_key" in await r.json()
         async with s.get(sd.url + "/internal/folder_paths") as r:
             paths = await r.json()
-        assert paths["checkpoints"] == [str(STANDIN_DIR / "models" / "checkpoints"),
+        assert paths["checkpoints"] == [str(sd.comfyui_dir / "models" / "checkpoints"),
                                         str(sd.output_dir / "checkpoints")][:1] + [
             str(sd.models_dir / "checkpoints"), str(sd.output_dir / "checkpoints")]
         assert paths["ipadapter"] == [str(sd.models_dir / "ipadapter")]
@@ -188,7 +196,7 @@ async def test_internal_files_lists_newest_first(standin: StandIn) -> None:
         os.utime(path, (time.time() + i, time.time() + i))
     async with aiohttp.ClientSession() as s:
         async with s.get(standin.url + "/internal/files/input") as r:
-            assert await r.json() == ["b.png", "a.png"]
+            assert await r.json() == [".hidden", "b.png", "a.png"]
         async with s.get(standin.url + "/internal/files/bogus") as r:
             assert r.status == 400 and await r.json() == {"error": "Invalid directory type"}
 
@@ -210,7 +218,7 @@ async def test_upload_over_max_upload_size_is_413(standin_factory) -> None:
     sd = standin_factory(extra_args=["--max-upload-size", "0.01"])
     async with aiohttp.ClientSession() as s:
         async with s.get(sd.url + "/features") as r:
-            assert await r.json() == {"supports_preview_metadata": True, "max_upload_size": 10486}
+            assert await r.json() == {"supports_preview_metadata": True, "max_upload_size": 10485.76}
         form = aiohttp.FormData()
         form.add_field("image", b"x" * 20000, filename="big.png", content_type="image/png")
         async with s.post(sd.url + "/upload/image", data=form) as r:

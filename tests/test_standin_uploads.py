@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.helpers.standin import StandIn, TranscriptReplayer, load_transcript
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)
 
 
 def _png(size: tuple[int, int], color, mode: str = "RGB") -> bytes:
@@ -23,12 +23,13 @@ def _png(size: tuple[int, int], color, mode: str = "RGB") -> bytes:
 
 
 # Bytes for the recorded uploads, in order. The fourth (overwrite) is what LoadImage later reads: the
-# recording decoded the inverted result as 48x40 with pixel (245, 54, 195), i.e. a (10, 201, 60) source.
+# recording decoded the inverted result as 48x40 with pixel (245, 54, 195), i.e. a (10, 200, 60) source
+# (ComfyUI inverts in float32 and truncates: 200 -> 54, 10 -> 245, 60 -> 195).
 UPLOADS = [
     _png((48, 40), (1, 1, 1)),          # acc_upload.png
     _png((48, 40), (1, 1, 1)),          # same bytes again -> same name
     _png((48, 40), (2, 2, 2)),          # different bytes -> "acc_upload (1).png"
-    _png((48, 40), (10, 201, 60)),      # overwrite=true -> replaced in place
+    _png((48, 40), (10, 200, 60)),      # overwrite=true -> replaced in place
     _png((48, 40), (3, 3, 3)),          # different again -> "acc_upload (2).png"
     _png((20, 10), (100, 0, 0)),        # accsub/acc_sub.png
     _png((4, 4), (0, 0, 0)),            # subfolder ../../etc -> 400
@@ -36,8 +37,8 @@ UPLOADS = [
 ]
 
 
-async def test_b_upload_session_matches_recording(standin_factory) -> None:
-    sd: StandIn = standin_factory(use_extra_model_paths=False)
+async def test_b_upload_session_matches_recording(comfy_factory) -> None:
+    sd: StandIn = comfy_factory(use_extra_model_paths=False)
     replayer = TranscriptReplayer(sd, load_transcript("b_upload_loadimage_invert"),
                                   upload_bytes=lambda index, part: UPLOADS[index])
     async with aiohttp.ClientSession() as session:
@@ -61,7 +62,7 @@ async def test_b_upload_session_matches_recording(standin_factory) -> None:
     with Image.open(sd.output_dir / "acc_b" / "sub_00001_.png") as img:
         assert img.size == (20, 10) and img.getpixel((0, 0)) == (155, 255, 255)
     with Image.open(sd.input_dir / "clipspace" / "acc_mask.png") as img:
-        assert img.mode == "RGBA" and img.getpixel((0, 0)) == (10, 201, 60, 0)
+        assert img.mode == "RGBA" and img.getpixel((0, 0)) == (10, 200, 60, 0)
 
 
 async def _upload(session, sd: StandIn, data: bytes | None, **fields) -> tuple[int, object]:
@@ -75,40 +76,40 @@ async def _upload(session, sd: StandIn, data: bytes | None, **fields) -> tuple[i
         return r.status, (await r.json() if r.content_type == "application/json" else raw.decode())
 
 
-async def test_upload_types_and_refusals(standin: StandIn) -> None:
+async def test_upload_types_and_refusals(comfyui: StandIn) -> None:
     async with aiohttp.ClientSession() as s:
-        assert await _upload(s, standin, _png((2, 2), 1), type="temp") == (
+        assert await _upload(s, comfyui, _png((2, 2), 1), type="temp") == (
             200, {"name": "u.png", "subfolder": "", "type": "temp"})
-        assert (standin.temp_dir / "u.png").is_file()
-        assert await _upload(s, standin, _png((2, 2), 1), type="output", subfolder="a/b") == (
+        assert (comfyui.temp_dir / "u.png").is_file()
+        assert await _upload(s, comfyui, _png((2, 2), 1), type="output", subfolder="a/b") == (
             200, {"name": "u.png", "subfolder": "a/b", "type": "output"})
-        assert (standin.output_dir / "a" / "b" / "u.png").is_file()
-        status, body = await _upload(s, standin, _png((2, 2), 1), type="models")
+        assert (comfyui.output_dir / "a" / "b" / "u.png").is_file()
+        status, body = await _upload(s, comfyui, _png((2, 2), 1), type="models")
         assert (status, body) == (500, "500 Internal Server Error\n\nServer got itself in trouble")
-        assert (await _upload(s, standin, _png((2, 2), 1), filename=""))[0] == 400
-        assert (await _upload(s, standin, None, subfolder="x"))[0] == 400
-        assert (await _upload(s, standin, _png((2, 2), 1), subfolder="/etc"))[0] == 400
+        assert (await _upload(s, comfyui, _png((2, 2), 1), filename=""))[0] == 500  # a str part: no .file
+        assert (await _upload(s, comfyui, None, subfolder="x"))[0] == 400
+        assert (await _upload(s, comfyui, _png((2, 2), 1), subfolder="/etc"))[0] == 400
         # an uploaded name shows up in LoadImage's combo (top level only)
-        async with s.get(standin.url + "/object_info/LoadImage") as r:
+        async with s.get(comfyui.url + "/object_info/LoadImage") as r:
             assert (await r.json())["LoadImage"]["input"]["required"]["image"][0] == []
-        await _upload(s, standin, _png((2, 2), 2), filename="z.png")
-        await _upload(s, standin, b"not an image", filename="notes.txt")
-        async with s.get(standin.url + "/object_info/LoadImage") as r:
+        await _upload(s, comfyui, _png((2, 2), 2), filename="z.png")
+        await _upload(s, comfyui, b"not an image", filename="notes.txt")
+        async with s.get(comfyui.url + "/object_info/LoadImage") as r:
             assert (await r.json())["LoadImage"]["input"]["required"]["image"][0] == ["z.png"]
 
 
-async def test_view_rules(standin: StandIn) -> None:
-    (standin.output_dir / "sub").mkdir()
-    Image.new("RGBA", (3, 2), (1, 2, 3, 128)).save(standin.output_dir / "sub" / "a.png")
-    (standin.output_dir / "page.html").write_text("<html>")
+async def test_view_rules(comfyui: StandIn) -> None:
+    (comfyui.output_dir / "sub").mkdir()
+    Image.new("RGBA", (3, 2), (1, 2, 3, 128)).save(comfyui.output_dir / "sub" / "a.png")
+    (comfyui.output_dir / "page.html").write_text("<html>")
     async with aiohttp.ClientSession() as s:
         async def get(**params):
-            async with s.get(standin.url + "/view", params=params) as r:
+            async with s.get(comfyui.url + "/view", params=params) as r:
                 return r.status, r.headers.get("Content-Type"), await r.read(), r.headers
 
         status, ctype, body, headers = await get(filename="a.png", subfolder="sub")
         assert (status, ctype) == (200, "image/png") and headers["Content-Disposition"] == 'filename="a.png"'
-        assert body == (standin.output_dir / "sub" / "a.png").read_bytes()
+        assert body == (comfyui.output_dir / "sub" / "a.png").read_bytes()
         assert (await get(filename="sub/a.png [output]"))[0] == 404  # basename only after the subfolder join
         assert (await get(filename="a.png [output]", subfolder="sub"))[0] == 200
         assert (await get(filename=" [output]"))[0] == 400  # nothing left after the annotation

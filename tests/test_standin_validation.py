@@ -11,10 +11,17 @@ import re
 import aiohttp
 import pytest
 
+from tests.helpers.comfy_targets import ComfyTarget, start_comfyui
 from tests.helpers.standin import (REFERENCE_DIR, StandIn, diff_structure, load_transcript, replay_request,
-                                   start_standin, transcript_cases)
+                                   transcript_cases)
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def standin_factory(comfy_factory):
+    """Every check of this module is a conformance check: it runs on the stand-in and on the real ComfyUI."""
+    return comfy_factory
 
 CASES = {name: [e for e in events if e["kind"] == "http" and e["request"]["path"] == "/prompt"][0]
          for name, events in transcript_cases(load_transcript("c_invalid_prompts")).items()}
@@ -35,8 +42,8 @@ def normalise(body):
 
 
 @pytest.fixture(scope="module")
-def recorded_like(tmp_path_factory: pytest.TempPathFactory):
-    sd = start_standin(tmp_path_factory.mktemp("validation"), use_extra_model_paths=False)
+def recorded_like(comfy: ComfyTarget, tmp_path_factory: pytest.TempPathFactory):
+    sd = start_comfyui(comfy, tmp_path_factory.mktemp("validation"), use_extra_model_paths=False)
     yield sd
     sd.stop()
 

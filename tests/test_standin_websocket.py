@@ -9,9 +9,15 @@ import re
 import aiohttp
 import pytest
 
-from tests.helpers.standin import StandIn, diff_structure, load_transcript, ws_messages
+from tests.helpers.standin import StandIn, diff_structure, load_transcript, start_standin, ws_messages
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def standin_factory(comfy_factory):
+    """Every check of this module is a conformance check: it runs on the stand-in and on the real ComfyUI."""
+    return comfy_factory
 
 BASICS = load_transcript("basics")
 
@@ -106,8 +112,10 @@ async def test_a_new_socket_with_the_same_id_replaces_the_old_one(standin: Stand
     assert pid
 
 
-async def test_reconnect_of_the_executing_client_gets_the_current_node(standin_factory) -> None:
-    sd = standin_factory(env={"STANDIN_NODE_DELAY_S": "0.5"})
+async def test_reconnect_of_the_executing_client_gets_the_current_node(tmp_path, request) -> None:
+    """Stand-in only: STANDIN_NODE_DELAY_S keeps node 1 running while the client reconnects."""
+    sd = start_standin(tmp_path, env={"STANDIN_NODE_DELAY_S": "0.5"})
+    request.addfinalizer(sd.stop)
     async with aiohttp.ClientSession() as s:
         first = await s.ws_connect(f"{sd.url}/ws?clientId=runner")
         await first.receive_json(timeout=5)

@@ -11,12 +11,15 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from supervisor.comfy.status import State
+from tests.helpers.comfy_targets import ComfyTarget
 from tests.helpers.worker import (
     STANDIN,
     WorkerProcess,
@@ -36,23 +39,61 @@ def _ready_at(sup) -> dict:
     return seen
 
 
-async def test_ready_follows_the_first_200_closely(tmp_path: Path) -> None:
+class FirstAnswer:
+    """An independent prober: the wall-clock time ComfyUI first answers ``GET /system_stats`` with 200,
+    polled every 10 ms from its own thread (what the supervisor's readiness is measured against)."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.at = url, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url + "/system_stats", timeout=1) as resp:
+                    if resp.status == 200:
+                        self.at = time.time()
+                        return
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+async def test_ready_follows_the_first_200_closely(tmp_path: Path, comfy: ComfyTarget) -> None:
+    env = worker_env(tmp_path, **comfy.env)
+    seen: dict = {}
+    prober = FirstAnswer(f"http://127.0.0.1:{env['COMFYUI_PORT']}")
+    try:
+        with running_supervisor(env, [lambda st: seen.setdefault(st.state.value, time.time())]) as sup:
+            status = await sup.wait_ready(comfy.start_timeout_s)
+            assert status.state is State.READY
+            assert status.pid and status.generation == 1 and status.restarts == 0
+            wait_for(lambda: prober.at, 5, what="the prober's first 200")
+            # either may see the first 200 first (both poll); ready must not lag it by a second
+            assert -0.5 < seen["ready"] - prober.at < 1.0, (seen["ready"], prober.at)
+    finally:
+        prober.stop()
+
+
+async def test_ready_follows_the_standins_serving_line_closely(tmp_path: Path) -> None:
     env = worker_env(tmp_path)
     seen: dict = {}
     with running_supervisor(env, [lambda st: seen.setdefault(st.state.value, time.time())]) as sup:
-        status = await sup.wait_ready(30)
-        assert status.state is State.READY
-        assert status.pid and status.generation == 1 and status.restarts == 0
+        await sup.wait_ready(30)
         match = wait_for(lambda: SERVING_RE.search("\n".join(sup.log_tail(200))), 5, what="serving line")
-        serving_since = float(match.group(1))
-        ready_at = seen["ready"]
-        assert 0 <= ready_at - serving_since < 1.0, (ready_at, serving_since)
+        assert 0 <= seen["ready"] - float(match.group(1)) < 1.0, (seen["ready"], match.group(1))
 
 
-async def test_kill_9_is_noticed_at_once_and_restarted(tmp_path: Path) -> None:
-    env = worker_env(tmp_path)
+async def test_kill_9_is_noticed_at_once_and_restarted(tmp_path: Path, comfy: ComfyTarget) -> None:
+    env = worker_env(tmp_path, **comfy.env)
     with running_supervisor(env) as sup:
-        first = await sup.wait_ready(30)
+        first = await sup.wait_ready(comfy.start_timeout_s)
         watcher = asyncio.ensure_future(sup.wait_exit(first.generation))
         killed_at = time.monotonic()
         os.kill(first.pid, signal.SIGKILL)
@@ -62,18 +103,19 @@ async def test_kill_9_is_noticed_at_once_and_restarted(tmp_path: Path) -> None:
         assert crash.signal == 9 and crash.exit_code is None and crash.pid == first.pid
         assert "SIGKILL" in crash.describe()
         assert any("To see the GUI go to" in line for line in crash.last_lines), crash.last_lines
-        again = await sup.wait_ready(30)
+        again = await sup.wait_ready(comfy.start_timeout_s)
         assert again.generation == first.generation + 1
         assert again.restarts == first.restarts + 1
         assert again.pid != first.pid
         assert again.last_exit is not None and again.last_exit.signal == 9
 
 
-async def test_sigstop_is_declared_hung_killed_and_restarted(tmp_path: Path) -> None:
+async def test_sigstop_is_declared_hung_killed_and_restarted(tmp_path: Path, comfy: ComfyTarget) -> None:
     interval, failures, timeout = 0.2, 3, 0.3
-    env = worker_env(tmp_path, HEALTH_INTERVAL_S=interval, HEALTH_FAILURES=failures, HEALTH_TIMEOUT_S=timeout)
+    env = worker_env(tmp_path, HEALTH_INTERVAL_S=interval, HEALTH_FAILURES=failures, HEALTH_TIMEOUT_S=timeout,
+                     **comfy.env)
     with running_supervisor(env) as sup:
-        first = await sup.wait_ready(30)
+        first = await sup.wait_ready(comfy.start_timeout_s)
         seen = _ready_at(sup)
         stopped_at = time.time()
         os.kill(first.pid, signal.SIGSTOP)
@@ -84,7 +126,7 @@ async def test_sigstop_is_declared_hung_killed_and_restarted(tmp_path: Path) -> 
         # each probe waits the interval, then up to the timeout: the bound is (interval + timeout) x failures
         assert declared <= (interval + timeout) * failures + 1.0, declared
         assert killed <= declared + 2.0, (killed, declared)
-        again = await sup.wait_ready(30)
+        again = await sup.wait_ready(comfy.start_timeout_s)
         assert again.generation == first.generation + 1 and again.restarts == 1
 
 
@@ -104,6 +146,24 @@ def test_failing_start_ends_in_failed_and_the_worker_exits_non_zero(tmp_path: Pa
         assert code == 1, log
         assert "ComfyUI failed 3 times within" in log
         assert "exited with code 3" in log
+        state = worker.state()
+        assert state and state["state"] == "failed" and state["restarts"] == 2
+        assert tree_processes(env["TEST_TREE_ID"]) == []
+    finally:
+        worker.cleanup()
+
+
+def test_a_comfyui_that_dies_at_every_start_ends_in_failed(tmp_path: Path, comfy: ComfyTarget) -> None:
+    """A crash loop without a fault knob: a bad flag in COMFYUI_ARGS makes ComfyUI's own argparse exit 2."""
+    env = worker_env(tmp_path, COMFYUI_ARGS="--cpu --port not-a-port", CRASH_LOOP_MAX=3, RESTART_BACKOFF_S=0.05,
+                     RESTART_BACKOFF_MAX_S=0.1, **comfy.env)
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        code = worker.wait(comfy.start_timeout_s * 2)
+        log = worker.log_text()
+        assert code == 1, log
+        assert "ComfyUI failed 3 times within" in log and "exited with code 2" in log, log
+        assert "argument --port: invalid int value: 'not-a-port'" in log, log
         state = worker.state()
         assert state and state["state"] == "failed" and state["restarts"] == 2
         assert tree_processes(env["TEST_TREE_ID"]) == []
@@ -172,11 +232,13 @@ async def test_grandchild_ignoring_sigterm_never_survives(tmp_path: Path, how: s
     # running_supervisor asserts that nothing of the tree is left after stop
 
 
-def test_sigterm_exits_0_leaves_nothing_and_keeps_data_under_data_dir(tmp_path: Path) -> None:
-    env = worker_env(tmp_path, STANDIN_SPAWN_GRANDCHILD="1")
+def test_sigterm_exits_0_leaves_nothing_and_keeps_data_under_data_dir(tmp_path: Path, comfy: ComfyTarget) -> None:
+    # the stand-in also spawns a grandchild that ignores SIGTERM (the real ComfyUI ignores the variable)
+    env = worker_env(tmp_path, STANDIN_SPAWN_GRANDCHILD="1", **comfy.env)
+    before = _tree_entries(comfy.comfyui_dir)
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
-        worker.wait_state("ready")
+        worker.wait_state("ready", comfy.start_timeout_s)
         worker.signal(signal.SIGTERM)
         assert worker.wait(30) == 0, worker.log_text()
         assert tree_processes(env["TEST_TREE_ID"]) == []
@@ -185,9 +247,14 @@ def test_sigterm_exits_0_leaves_nothing_and_keeps_data_under_data_dir(tmp_path: 
         for sub in ("input", "output", "user"):
             assert (data / sub).is_dir()
         assert (data / "extra_model_paths.yaml").is_file()
-        assert not any(STANDIN.glob("user")), "ComfyUI wrote into its own source tree"
+        assert _tree_entries(comfy.comfyui_dir) == before, "ComfyUI wrote into its own source tree"
     finally:
         worker.cleanup()
+
+
+def _tree_entries(root: Path) -> set[str]:
+    """The top of a ComfyUI tree, without Python's byte-code caches."""
+    return {p.name for p in root.iterdir() if p.name != "__pycache__"}
 
 
 def test_missing_main_py_is_a_clear_start_up_error(tmp_path: Path) -> None:

@@ -60,6 +60,17 @@ class NodeCatalog:
                 return list(config) if isinstance(config, (list, tuple)) else [config]
         return None
 
+    def input_position(self, class_type: str, name: str) -> int:
+        """Where an input is declared (required, then optional, then hidden); unknown inputs come last."""
+        position = 0
+        for section in ("required", "optional", "hidden"):
+            group = self._inputs(class_type).get(section)
+            for declared in group if isinstance(group, Mapping) else ():
+                if declared == name:
+                    return position
+                position += 1
+        return position
+
     def input_names(self, class_type: str) -> set[str]:
         names: set[str] = set()
         for section in ("required", "optional", "hidden"):
@@ -365,10 +376,16 @@ def render_node_errors(node_errors: Any, graph: Mapping[str, Any], catalog: Node
         if str(node_id) not in graph and entry.get("class_type"):
             label = f"node {node_id} ({entry['class_type']})"
         class_type = str(entry.get("class_type") or (graph.get(str(node_id)) or {}).get("class_type") or "")
-        for err in entry.get("errors") or []:
-            if isinstance(err, Mapping):
-                lines.append(_render_one(label, class_type, err, catalog))
+        errors = [err for err in entry.get("errors") or [] if isinstance(err, Mapping)]
+        if catalog is not None:  # ComfyUI lists one node's errors in set order: a different order every start
+            errors.sort(key=lambda err: catalog.input_position(class_type, str(_input_name(err))))
+        lines += [_render_one(label, class_type, err, catalog) for err in errors]
     return lines
+
+
+def _input_name(err: Mapping[str, Any]) -> Any:
+    extra = err.get("extra_info")
+    return extra.get("input_name") if isinstance(extra, Mapping) else None
 
 
 def _render_one(label: str, class_type: str, err: Mapping[str, Any], catalog: NodeCatalog | None) -> str:

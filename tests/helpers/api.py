@@ -189,10 +189,10 @@ class ApiWorker:
         self.proc: WorkerProcess | None = None
 
     def start(self, wait: bool = True, log_name: str | None = None,
-              preexec_fn: Callable[[], Any] | None = None) -> "ApiWorker":
+              preexec_fn: Callable[[], Any] | None = None, ready_timeout: float = 30) -> "ApiWorker":
         self.proc = WorkerProcess(self.env, self.tmp_path / (log_name or self.log_path.name), preexec_fn)
         if wait:
-            self.wait_ready()
+            self.wait_ready(ready_timeout)
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
@@ -213,13 +213,14 @@ class ApiWorker:
 
 
 @contextlib.contextmanager
-def api_worker(tmp_path: Path, **env: Any) -> Iterator[ApiWorker]:
-    """A started self-hosted worker; stopped with SIGTERM (then killed) at the end, its tree checked."""
+def api_worker(tmp_path: Path, ready_timeout: float = 30, **env: Any) -> Iterator[ApiWorker]:
+    """A started self-hosted worker (``/health`` 200: ComfyUI ready, within ``ready_timeout`` s); stopped with
+    SIGTERM (then killed) at the end, its tree checked."""
     import signal
 
     from tests.helpers.worker import tree_processes
 
-    worker = ApiWorker(tmp_path, **env).start()
+    worker = ApiWorker(tmp_path, **env).start(ready_timeout=ready_timeout)
     try:
         yield worker
     finally:

@@ -227,8 +227,11 @@ class Rig:
 
 
 @contextlib.contextmanager
-def supervisor_rig(tmp_path: Path, *, models: dict[str, list[str]] | None = None, **env: Any) -> Any:
-    """Start a real ComfySupervisor on the stand-in with ``env`` (STANDIN_* knobs, worker settings)."""
+def supervisor_rig(tmp_path: Path, *, models: dict[str, list[str]] | None = None, target: Any = None,
+                   **env: Any) -> Any:
+    """Start a real ComfySupervisor on the stand-in with ``env`` (STANDIN_* knobs, worker settings), or on
+    ``target`` (a ``ComfyTarget``: the stand-in or the real ComfyUI; the STANDIN_* knobs mean nothing to the
+    real one). ``models``: small dummy files, whose names are all validation looks at."""
     import time
 
     from tests.helpers.standin import write_model_file
@@ -238,10 +241,12 @@ def supervisor_rig(tmp_path: Path, *, models: dict[str, list[str]] | None = None
     for key, names in (models or {}).items():
         for name in names:
             write_model_file(root / "models" / key / name)
+    if target is not None:
+        env = {**target.env, **env}
     full_env = worker_env(root, STANDIN_REQUEST_LOG=str(root / "requests.jsonl"), WEBSOCKET_RECONNECT_DELAY_S="0.2",
                           WEBSOCKET_RECONNECT_ATTEMPTS="3", PROGRESS_INTERVAL_S="0", **env)
     with running_supervisor(full_env) as sup:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + (target.start_timeout_s if target is not None else 30)
         while not sup.status().state.serving:
             if time.monotonic() > deadline:
                 raise AssertionError(f"supervisor not serving: {sup.status()} {sup.log_tail(40)}")

@@ -92,6 +92,12 @@ def models_manifest(models_dir: Path) -> dict[str, Any]:
     return json.loads((models_dir / tiny_models.MANIFEST).read_text())
 
 
-def workflow(name: str) -> dict[str, Any]:
-    """An API-format workflow from tests/fixtures/real (``sdxl_plain``, ``sdxl_ipadapter_advanced``, ...)."""
-    return json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+def workflow(name: str = "sdxl_plain", seed: int | None = None, steps: int | None = None,
+             prefix: str | None = None) -> dict[str, Any]:
+    """An API-format workflow from tests/fixtures/real (``sdxl_plain``, ``sdxl_ipadapter_advanced``, ...), with
+    the KSampler's (node 5) seed and steps and the SaveImage's (node 7) prefix changed when given."""
+    graph = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text())
+    graph["5"]["inputs"].update({k: v for k, v in (("seed", seed), ("steps", steps)) if v is not None})
+    if prefix is not None:
+        graph["7"]["inputs"]["filename_prefix"] = prefix
+    return graph

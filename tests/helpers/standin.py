@@ -74,6 +74,7 @@ class StandIn:
     request_log_path: Path
     extra_model_paths: Path
     argv: list[str] = field(default_factory=list)
+    comfyui_dir: Path = STANDIN_DIR  # the tree main.py is in (the real ComfyUI's when started through comfy_targets)
 
     def requests(self) -> list[dict]:
         """The parsed STANDIN_REQUEST_LOG lines (one per HTTP request / ws connect)."""
@@ -170,7 +171,8 @@ def _install_custom_nodes(root: Path, custom_node_dirs: Iterable[os.PathLike | s
 def start_standin(tmp_path: Path, *, env: Mapping[str, str | None] | None = None, extra_args: Iterable[str] = (),
                   models: Mapping[str, list[str]] | None = None,
                   custom_node_dirs: Iterable[os.PathLike | str] = (), wait: bool = True,
-                  timeout: float = 15.0, use_extra_model_paths: bool = True) -> StandIn:
+                  timeout: float = 15.0, use_extra_model_paths: bool = True, main: Path = STANDIN_MAIN,
+                  python: str = sys.executable) -> StandIn:
     """Start ``python tests/standin/main.py`` with ComfyUI-style flags under ``tmp_path``.
 
     ``models`` maps folder keys to file names created under ``<models_dir>/<key>/``; ``env`` entries
@@ -178,6 +180,7 @@ def start_standin(tmp_path: Path, *, env: Mapping[str, str | None] | None = None
     ``custom_node_dirs``: pack directories / .py files (copied into a custom_nodes root the yaml names) or
     custom_nodes roots. ``use_extra_model_paths=False`` starts it with exactly the flags of the reference
     recording (no ``--extra-model-paths-config``; ``models``/``custom_node_dirs`` are then not wired in).
+    ``main``/``python``: another ComfyUI started the same way (the real one: tests/helpers/comfy_targets.py).
     """
     base = Path(tmp_path) / f"standin-{time.monotonic_ns()}"
     input_dir, output_dir, temp_base, user_dir, models_dir = (base / n for n in
@@ -197,7 +200,7 @@ def start_standin(tmp_path: Path, *, env: Mapping[str, str | None] | None = None
     port = free_port()
     request_log = base / "requests.jsonl"
     log_path = base / "standin.log"
-    argv = [sys.executable, str(STANDIN_MAIN), "--listen", "127.0.0.1", "--port", str(port), "--cpu",
+    argv = [python, str(main), "--listen", "127.0.0.1", "--port", str(port), "--cpu",
             "--disable-auto-launch", "--output-directory", str(output_dir), "--input-directory", str(input_dir),
             "--temp-directory", str(temp_base), "--user-directory", str(user_dir),
             "--database-url", f"sqlite:///{base / 'comfyui.db'}"]
@@ -220,7 +223,7 @@ def start_standin(tmp_path: Path, *, env: Mapping[str, str | None] | None = None
         log_file.close()
     sd = StandIn(url=f"http://127.0.0.1:{port}", port=port, proc=proc, input_dir=input_dir, output_dir=output_dir,
                  temp_dir=temp_base / "temp", user_dir=user_dir, models_dir=models_dir, log_path=log_path,
-                 request_log_path=request_log, extra_model_paths=yaml_path, argv=argv)
+                 request_log_path=request_log, extra_model_paths=yaml_path, argv=argv, comfyui_dir=Path(main).parent)
     if wait:
         try:
             sd.wait_ready(timeout)
@@ -239,7 +242,7 @@ TRANSCRIPTS_DIR = REFERENCE_DIR / "comfyui-transcripts"
 # Keys whose values legitimately differ between the recording and any other run: generated ids,
 # clocks, tracebacks, machine memory and interpreter details. Only their JSON type is compared.
 VARYING_KEYS = frozenset({"prompt_id", "timestamp", "sid", "traceback", "ram_total", "ram_free", "vram_total",
-                          "vram_free", "torch_vram_total", "torch_vram_free", "python_version", "argv"})
+                          "vram_free", "torch_vram_total", "torch_vram_free", "python_version", "pytorch_version", "argv"})
 
 
 def load_transcript(name: str) -> list[dict]:
@@ -285,7 +288,7 @@ def substitute(value, mapping: Mapping[str, str]):
 
 def path_mapping(sd: StandIn) -> dict[str, str]:
     """The recording ran with ComfyUI in /opt/ComfyUI and --output/--input/--temp dirs under /data."""
-    return {"/opt/ComfyUI": str(STANDIN_DIR), "/data/output": str(sd.output_dir), "/data/input": str(sd.input_dir),
+    return {"/opt/ComfyUI": str(sd.comfyui_dir), "/data/output": str(sd.output_dir), "/data/input": str(sd.input_dir),
             "/data/user": str(sd.user_dir), "/data/temp": str(sd.temp_dir)}
 
 

@@ -192,18 +192,23 @@ def unet(sd: StateDict, pre: str, mc: int = 320, ctx: int = 2048, adm: int = 281
 # ------------------------------------------------------------------------ CLIP text encoders
 
 
-def clip_text_hf(sd: StateDict, pre: str, dim: int, layers: int, inter: int) -> None:
-    """HF CLIPTextModel layout (SDXL's embedders.0, CLIP-L)."""
-    sd.emb(pre + "text_model.embeddings.token_embedding.weight", (VOCAB, dim))
-    sd.emb(pre + "text_model.embeddings.position_embedding.weight", (CTX, dim))
+def hf_encoder_layers(sd: StateDict, pre: str, dim: int, layers: int, inter: int) -> None:
+    """The transformer layers of HF's CLIP encoders, text and vision alike: ``<pre>.layers.N.*``."""
     for layer in range(layers):
-        b = f"{pre}text_model.encoder.layers.{layer}"
+        b = f"{pre}.layers.{layer}"
         for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
             sd.linear(f"{b}.self_attn.{p}", dim, dim)
         sd.norm(b + ".layer_norm1", dim)
         sd.norm(b + ".layer_norm2", dim)
         sd.linear(b + ".mlp.fc1", inter, dim)
         sd.linear(b + ".mlp.fc2", dim, inter)
+
+
+def clip_text_hf(sd: StateDict, pre: str, dim: int, layers: int, inter: int) -> None:
+    """HF CLIPTextModel layout (SDXL's embedders.0, CLIP-L)."""
+    sd.emb(pre + "text_model.embeddings.token_embedding.weight", (VOCAB, dim))
+    sd.emb(pre + "text_model.embeddings.position_embedding.weight", (CTX, dim))
+    hf_encoder_layers(sd, pre + "text_model.encoder", dim, layers, inter)
     sd.norm(pre + "text_model.final_layer_norm", dim)
 
 
@@ -276,14 +281,7 @@ def clip_vision(sd: StateDict, dim: int = 1280, layers: int = 32, inter: int = 5
     sd.conv(v + "embeddings.patch_embedding", dim, 3, patch, bias=False)
     sd.emb(v + "embeddings.position_embedding.weight", ((image // patch) ** 2 + 1, dim))
     sd.norm(v + "pre_layrnorm", dim)
-    for layer in range(layers):
-        b = f"{v}encoder.layers.{layer}"
-        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd.linear(f"{b}.self_attn.{p}", dim, dim)
-        sd.norm(b + ".layer_norm1", dim)
-        sd.norm(b + ".layer_norm2", dim)
-        sd.linear(b + ".mlp.fc1", inter, dim)
-        sd.linear(b + ".mlp.fc2", dim, inter)
+    hf_encoder_layers(sd, v + "encoder", dim, layers, inter)
     sd.norm(v + "post_layernorm", dim)
     sd.linear("visual_projection", proj, dim, bias=False)
 

@@ -20,8 +20,7 @@ import pytest
 
 from tests.helpers.api import Api, png_of
 from tests.helpers.standin import free_port
-from tests.image.conftest import in_ci
-from tests.image.imagekit import ROOT, ImageUnderTest, wait_for
+from tests.image.imagekit import ROOT, ImageUnderTest, in_ci, wait_for
 from tests.image.test_cpu_image import BUILD_TIMEOUT_S, cpu_image  # noqa: F401 - the fixture, built once here too
 
 COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"

@@ -58,7 +58,8 @@ class PromptServer:
 
     # ----------------------------------------------------------------------------------- messaging
     def features(self) -> dict:
-        return {"supports_preview_metadata": True, "max_upload_size": self.max_upload_size}
+        # ComfyUI's feature flags carry the unrounded product (10485.76 for --max-upload-size 0.01)
+        return {"supports_preview_metadata": True, "max_upload_size": self.args.max_upload_size * 1024 * 1024}
 
     def queue_info(self) -> dict:
         return {"exec_info": {"queue_remaining": self.prompt_queue.get_tasks_remaining()}}
@@ -387,7 +388,7 @@ class PromptServer:
             return web.json_response({"error": "Invalid directory type"}, status=400)
         directory = folder_paths.get_directory_by_type(directory_type)
         try:
-            entries = [e for e in os.scandir(directory) if e.is_file() and not e.name.startswith(".")]
+            entries = [e for e in os.scandir(directory) if e.is_file()]  # dot files too, as ComfyUI lists them
         except FileNotFoundError:
             entries = []
         entries.sort(key=lambda e: -e.stat().st_mtime)

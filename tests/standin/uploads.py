@@ -49,7 +49,7 @@ def image_upload(post: Any, image_save_function: Callable | None = None, hashing
     image = post.get("image")
     overwrite = post.get("overwrite")
     upload_dir, image_upload_type = get_dir_by_type(post.get("type"))
-    if not (image and getattr(image, "file", None)):
+    if not (image and image.file):  # a part sent without a filename is a str: AttributeError, a 500, as in ComfyUI
         return web.Response(status=400)
     filename = image.filename
     if not filename:

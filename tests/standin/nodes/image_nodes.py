@@ -1,8 +1,10 @@
 """Model-free image nodes, executed for real with Pillow (ComfyUI's nodes.py and comfy_extras equivalents).
 
 Input schemas are ComfyUI 0.3.64's (see tests/fixtures/reference/object_info-subset.json and the recorded
-``/object_info`` answers); the arithmetic is 8-bit instead of float32, which no client can observe
-except through rounding in the last bit of a pixel.
+``/object_info`` answers). Images are kept 8-bit, exact; where ComfyUI's float32 result lies just below the
+exact value, so that a save node's truncation writes one less (ImageInvert: 200 -> 54, not 55), the batch
+carries what a save node writes for each value (``Images.written``), computed like ComfyUI's float32 round trip
+(``LoadImage`` /255, the node, ``SaveImage`` *255 then truncation).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import struct
 
 import folder_paths
 import runtime
@@ -147,6 +150,22 @@ class LoadImageMask:
         return True
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, as torch and numpy hold image values."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _float32_lut(op) -> list[int]:
+    """The 8-bit result of a float32 pixel operation, for each 8-bit input: the value is loaded as
+    ``float32(v) / 255``, ``op`` runs in float32, and SaveImage writes ``uint8(clip(255 * x))`` (truncating)."""
+    return [int(min(max(_f32(255.0 * _f32(op(_f32(v / 255.0)))), 0.0), 255.0)) for v in range(256)]
+
+
+INVERT_LUT = _float32_lut(lambda x: 1.0 - x)  # ComfyUI: 1.0 - image; 200 -> 54 and 127 -> 127
+# What a save node writes for each exact inverted value 255 - v.
+INVERT_WRITTEN = [INVERT_LUT[255 - u] for u in range(256)]
+
+
 class ImageInvert:
     @classmethod
     def INPUT_TYPES(cls):
@@ -157,7 +176,7 @@ class ImageInvert:
     CATEGORY = "image"
 
     def invert(self, image):
-        return (Images([f.point(lambda v: 255 - v) for f in image.frames]),)
+        return (Images([f.point(lambda v: 255 - v) for f in image.frames], written=INVERT_WRITTEN),)
 
 
 class ImageScale:
@@ -238,7 +257,7 @@ class SaveImage:
         full_output_folder, filename, counter, subfolder, filename_prefix = folder_paths.get_save_image_path(
             filename_prefix, self.output_dir, w, h)
         results = []
-        for batch_number, frame in enumerate(images.frames):
+        for batch_number, frame in enumerate(images.frames_to_write()):
             metadata = _png_metadata(prompt, extra_pnginfo)
             filename_with_batch_num = filename.replace("%batch_num%", str(batch_number))
             file = f"{filename_with_batch_num}_{counter:05}_.png"
@@ -307,7 +326,7 @@ class SaveAnimatedWEBP:
         _, h, w, _ = images.shape
         full_output_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, self.output_dir, w, h)
-        frames = images.frames
+        frames = images.frames_to_write()
         results = []
         num_frames = num_frames or len(frames)
         for i in range(0, len(frames), num_frames):
@@ -347,7 +366,7 @@ class SaveAnimatedPNG:
         full_output_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, self.output_dir, w, h)
         file = f"{filename}_{counter:05}_.png"
-        frames = images.frames
+        frames = images.frames_to_write()
         frames[0].save(os.path.join(full_output_folder, file), pnginfo=_png_metadata(prompt, extra_pnginfo),
                        compress_level=compress_level, save_all=True, duration=int(1000.0 / fps),
                        append_images=frames[1:])

@@ -89,7 +89,7 @@ def _blend(f1, f2, mode: str, ImageChops):
         return ImageChops.overlay(f1, f2)
     if mode == "soft_light":
         return ImageChops.soft_light(f1, f2)
-    return ImageChops.difference(f1, f2)
+    return ImageChops.subtract(f1, f2)  # ComfyUI's "difference" is img1 - img2, clamped at 0: not |img1 - img2|
 
 
 NODE_CLASS_MAPPINGS = {

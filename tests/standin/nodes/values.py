@@ -27,10 +27,19 @@ def digest(*parts: Any) -> str:
 class Images:
     """IMAGE: a batch of RGB images, shape [B, H, W, 3] in ComfyUI terms."""
 
-    def __init__(self, frames: list) -> None:
+    def __init__(self, frames: list, written: list[int] | None = None) -> None:
         if not frames:
             raise ValueError("an IMAGE batch needs at least one frame")
         self.frames = [f if f.mode == "RGB" else f.convert("RGB") for f in frames]
+        # The 8-bit value a save node writes for each value of ``frames``, where ComfyUI's float32 result lies
+        # just below the exact one and truncates to one less (ImageInvert); None: written as held.
+        self.written = written
+
+    def frames_to_write(self) -> list:
+        """The frames as a save node writes them: ``uint8(clip(255 * x))`` of ComfyUI's float32 values."""
+        if self.written is None:
+            return self.frames
+        return [f.point(self.written * 3) for f in self.frames]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
