@@ -4,7 +4,8 @@ Found by attacking the worker: after ``kill -9`` of the worker (outside a contai
 the next worker took it for its own, ran jobs on that unsupervised server, while its own ComfyUI could not bind
 and flapped. Now the supervisor records its ComfyUI in ``DATA_DIR/comfyui.pid`` (pid, tree marker, start time,
 port); the next worker on the same DATA_DIR stops that tree before the port check, and any other server on the
-port is still refused -- also one whose pid a stale pid file happens to name.
+port is still refused -- also one whose pid a stale pid file happens to name. The first test takes the ``comfy``
+fixture: it runs on the real ComfyUI too (``make test-real``).
 """
 
 from __future__ import annotations
@@ -20,32 +21,32 @@ import psutil
 import pytest
 
 from tests.helpers.api import Api
+from tests.helpers.comfy_targets import ComfyTarget
 from tests.helpers.worker import ROOT, WorkerProcess, free_port, tree_processes, wait_for, worker_env
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _comfy_pid(worker: WorkerProcess) -> int:
-    state = worker.wait_state("ready")
-    return int(state["pid"])
-
-
-def test_a_comfyui_left_by_a_killed_worker_is_stopped_and_the_next_worker_serves_with_its_own(tmp_path: Path) -> None:
-    env = worker_env(tmp_path, API_PORT=str(free_port()), WORKER_MODE="http", STANDIN_SPAWN_GRANDCHILD="1")
+def test_a_comfyui_left_by_a_killed_worker_is_stopped_and_the_next_worker_serves_with_its_own(
+    tmp_path: Path, comfy: ComfyTarget
+) -> None:
+    env = worker_env(tmp_path, API_PORT=str(free_port()), WORKER_MODE="http", STANDIN_SPAWN_GRANDCHILD="1",
+                     **comfy.env)
     first = WorkerProcess(env, tmp_path / "first.log")
     second = None
     try:
-        old_pid = _comfy_pid(first)
+        old_pid = int(first.wait_state("ready", comfy.start_timeout_s)["pid"])
         record = json.loads((tmp_path / "data" / "comfyui.pid").read_text())
         assert record["pid"] == old_pid and record["port"] == int(env["COMFYUI_PORT"])
         old_tree = {p.pid for p in tree_processes(env["TEST_TREE_ID"])} - {first.proc.pid}
-        assert old_pid in old_tree and len(old_tree) >= 2  # ComfyUI and its grandchild
+        assert old_pid in old_tree and (comfy.is_real or len(old_tree) >= 2)  # the stand-in: and its grandchild
         first.proc.kill()  # kill -9 of the worker alone: its ComfyUI tree keeps running, and keeps the port
         first.proc.wait(10)
         assert psutil.pid_exists(old_pid)
 
         second = WorkerProcess(env, tmp_path / "second.log")
-        state = wait_for(lambda: (s := second.state()) and s["state"] == "ready" and s["pid"] != old_pid and s, 30,
+        state = wait_for(lambda: (s := second.state()) and s["state"] == "ready" and s["pid"] != old_pid and s,
+                         comfy.start_timeout_s,
                          what="the second worker's own ComfyUI to be ready")
         new_pid = int(state["pid"])
         assert not [p for p in old_tree if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"], \
@@ -54,6 +55,7 @@ def test_a_comfyui_left_by_a_killed_worker_is_stopped_and_the_next_worker_serves
         assert f"stopped a ComfyUI left by an earlier worker on {tmp_path / 'data'} (pid {old_pid}, port " \
                f"{env['COMFYUI_PORT']}" in log, log
         api = Api(f"http://127.0.0.1:{env['API_PORT']}")
+        wait_for(lambda: api.get("/ready")[0] == 200, 30, what="the second worker's API")
         body = api.ok("POST", "/runsync", {"input": {"workflow": {
             "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "after"}}}}})
