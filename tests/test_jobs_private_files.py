@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from supervisor.errors import ExecutionError, JobTimeoutError, ValidationError
+from tests.helpers.comfy_targets import ComfyTarget
 from tests.helpers.jobs import Rig, b64, png_bytes, supervisor_rig
 from tests.test_jobs_faults import run, wait_until
 
@@ -140,3 +141,24 @@ async def test_a_job_still_loads_its_own_images_and_installed_inputs(rig: Rig) -
         await engine.close()
         (rig.settings.data_dir / "input" / "installed.png").unlink()
     await _files_gone(rig)
+
+
+async def test_a_cancel_after_a_preview_leaves_nothing_on_both_comfyuis(tmp_path, comfy: ComfyTarget) -> None:
+    """The issue's case on the real ComfyUI too: a job cancelled after its PreviewImage ran, while a long node
+    (a wide ImageBlur; the stand-in's sleep fault) holds the prompt, leaves no file in input, output or temp."""
+    with supervisor_rig(tmp_path, target=comfy, STANDIN_NODE_FAULT="ImageBlur:sleep:7",
+                        INTERRUPT_GRACE_S=str(GRACE_S)) as rig:
+        engine = rig.engine()
+        try:
+            graph = previewed("victim")
+            graph["1"]["inputs"].update(width=512, height=512, batch_size=12)
+            graph["4"]["inputs"].update(blur_radius=31, sigma=10.0)
+            job = asyncio.ensure_future(run(engine, {"workflow": graph, "timeout_s": 120}, "victim"))
+            await _until_running(rig)
+            job.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await job
+            await wait_until(lambda: not rig.job_files(), timeout=comfy.start_timeout_s,
+                             what="no job file left")
+        finally:
+            await engine.close()
