@@ -27,13 +27,6 @@ GRACE_S = 2.0
 KILL_S = 3.0  # the restart's kill and the supervisor noticing it, generously
 
 
-def stuck(prefix: str, color: int = 0x336699) -> dict[str, Any]:
-    """EmptyImage -> ImageBlur (the node that sleeps 7 s on the stand-in) -> SaveImage."""
-    return {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
-            "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 3, "sigma": 1.0}},
-            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}}
-
-
 def heavy(prefix: str) -> dict[str, Any]:
     """EmptyImage -> a wide ImageBlur (about 9 s of CPU on the real ComfyUI; 7 s of sleep on the stand-in with
     the fault below) -> SaveImage."""
@@ -52,36 +45,6 @@ def quick(prefix: str) -> dict[str, Any]:
 def rig(tmp_path) -> Rig:
     with supervisor_rig(tmp_path, STANDIN_NODE_FAULT="ImageBlur:sleep:7", INTERRUPT_GRACE_S=str(GRACE_S)) as r:
         yield r
-
-
-async def test_a_node_that_ignores_the_interrupt_is_ended_by_a_restart_within_deadline_plus_grace(rig: Rig) -> None:
-    engine = rig.engine()
-    generation = rig.sup.status().generation
-    try:
-        started = time.monotonic()
-        with pytest.raises(JobTimeoutError) as info:
-            await run(engine, {"workflow": stuck("stuck"), "timeout_s": 2}, "stuck")
-        took = time.monotonic() - started
-        assert took < 2 + GRACE_S + KILL_S, took
-        assert took >= 2 + GRACE_S - 0.2, took  # it did give ComfyUI its grace
-        message = info.value.message
-        match = re.fullmatch(
-            r"Job timed out after 2 s while running node 2 \(ImageBlur\); ComfyUI did not let go of the prompt "
-            r"within 2 s of the interrupt \(INTERRUPT_GRACE_S\), so it was restarted; the job ended ([0-9.]+) s "
-            r"after it started", message)
-        assert match, message
-        assert abs(float(match[1]) - took) < 0.5, (match[1], took)
-        assert info.value.details["comfy_restarted"] is True
-        # the next job waits for the restart only, not for the 7 s node
-        mark = time.monotonic()
-        result = await run(engine, {"workflow": quick("after"), "timeout_s": 30}, "after")
-        assert [o.filename for o in result.outputs] == ["after_00001_.png"]
-        assert time.monotonic() - started < 7, time.monotonic() - mark
-        status = rig.sup.status()
-        assert status.generation == generation + 1 and status.last_exit.reason.startswith("restarted on request")
-    finally:
-        await engine.close()
-    assert rig.job_files() == []
 
 
 async def test_a_restart_on_request_is_not_counted_as_a_crash(rig: Rig) -> None:
@@ -141,6 +104,8 @@ async def test_a_deadline_holds_on_a_node_that_ignores_the_interrupt_on_both_com
                 await run(engine, {"workflow": heavy("stuck"), "timeout_s": 2}, "stuck")
             took = time.monotonic() - started
             assert took < 2 + GRACE_S + KILL_S, took
+            assert took >= 2 + GRACE_S - 0.2, took  # it did give ComfyUI its grace
+            assert info.value.details["comfy_restarted"] is True
             match = re.fullmatch(
                 r"Job timed out after 2 s while running node 2 \(ImageBlur\); ComfyUI did not let go of the prompt "
                 r"within 2 s of the interrupt \(INTERRUPT_GRACE_S\), so it was restarted; the job ended ([0-9.]+) s "
@@ -149,6 +114,8 @@ async def test_a_deadline_holds_on_a_node_that_ignores_the_interrupt_on_both_com
             assert abs(float(match[1]) - took) < 0.5, (match[1], took)
             result = await run(engine, {"workflow": quick("after"), "timeout_s": comfy.start_timeout_s + 30}, "after")
             assert [o.filename for o in result.outputs] == ["after_00001_.png"]
+            if not comfy.is_real:  # the stand-in boots at once: the next job did not wait for the 7 s node
+                assert time.monotonic() - started < 7, time.monotonic() - started
             status = rig.sup.status()
             assert status.generation == generation + 1, status
             assert status.last_exit is not None and status.last_exit.reason.startswith("restarted on request")

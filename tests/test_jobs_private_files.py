@@ -62,7 +62,7 @@ async def test_a_cancelled_job_leaves_no_preview_or_output(rig: Rig) -> None:
         await engine.close()
 
 
-async def test_a_timed_out_job_leaves_nothing_with_or_without_a_restart(rig: Rig) -> None:
+async def test_a_timed_out_job_leaves_nothing_after_comfyui_was_restarted(rig: Rig) -> None:
     engine = rig.engine()
     try:
         with pytest.raises(JobTimeoutError) as info:
