@@ -261,13 +261,13 @@ class JobService:
             else:
                 # answered at once: taking the prompt back from ComfyUI (up to INTERRUPT_GRACE_S, then a restart
                 # of ComfyUI) and the cleanup finish in the background, and the job ends CANCELLED
-                job.cancel_requested = True
-                if job.task is not None and not job.task.done():
-                    job.task.cancel()
-                    log.info("job %s: cancelling (interrupting ComfyUI)", job_id)
-                elif job.task is not None:  # it has just ended: its own outcome stands
+                if job.task is not None and job.task.done():  # it has just ended: its own outcome stands
                     await job.done.wait()
                     return {"id": job_id, "status": job.record.status}
+                job.cancel_requested = True
+                if job.task is not None:
+                    job.task.cancel()
+                    log.info("job %s: cancelling (interrupting ComfyUI)", job_id)
                 return {"id": job_id, "status": CANCELLED}
             return {"id": job_id, "status": job.record.status}
         rec = await self.journal.get(job_id)
