@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.api import api_worker
+from tests.helpers.jobs import png_bytes
 from tests.helpers.worker import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,13 +46,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def fill(disk: Path) -> Path:
     """Write zeros until the disk is full; the file is the space to free later."""
     filler = disk / "filler.bin"
-    chunk = b"\0" * 65536
     with open(filler, "wb", buffering=0) as out:
-        try:
-            while True:
-                out.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
+        for size in (65536, 4096, 1):  # to the last byte
+            try:
+                while True:
+                    out.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
     return filler
 
 
@@ -76,8 +77,15 @@ def test_a_full_disk_strands_no_job_and_intake_answers_503(tmp_path: Path, small
     with api_worker(tmp_path, DATA_DIR=str(small_disk), STANDIN_NODE_FAULT="ImageBlur:sleep:3",
                     INTERRUPT_GRACE_S="10") as w:
         job = w.api.ok("POST", "/run", stuck("full"))["id"]
+        upload = w.api.ok("POST", "/api/upload-url", {"filename": "face.png", "content_type": "image/png"})
         wait_for(lambda: w.api.ok("GET", f"/status/{job}")["status"] == "IN_PROGRESS", 10, what="the job to run")
         filler = fill(small_disk)
+
+        # the Deploy facade's doors too: 503 with the reason, never 500
+        status, body = w.api.post("/api/upload-url", {"filename": "face2.png", "content_type": "image/png"})
+        assert status == 503 and "disk full" in body["error"], (status, body)
+        status, body = w.api.request("PUT", upload["upload_url"], raw=png_bytes(size=(200, 200)), key=None)
+        assert status == 503 and "disk full" in body["error"], (status, body)
 
         status, body = w.api.post("/run", stuck("refused"))
         assert status == 503, (status, body)
@@ -93,6 +101,8 @@ def test_a_full_disk_strands_no_job_and_intake_answers_503(tmp_path: Path, small
         filler.unlink()  # space again: the end is written, and intake takes jobs
         wait_for(lambda: journal_status(small_disk, job) == "TIMED_OUT", 10, what="the end to reach the journal")
         assert w.api.ok("GET", f"/status/{job}")["status"] == "TIMED_OUT"
+        status, _ = w.api.request("PUT", upload["upload_url"], raw=png_bytes(size=(200, 200)), key=None)
+        assert status == 200  # the refused upload left its URL usable
         status, body = w.api.post("/run", {"input": {"workflow": {
             "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "again"}}}}})

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
+import errno
 import json
 import logging
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -239,18 +242,28 @@ class DeployFacade:
         if request.content_length is not None and request.content_length > limit:
             return error_response(413, f"the file is {request.content_length} bytes, over the {limit} limit "
                                        "(MAX_INPUT_BYTES)")
-        if not await self.service.journal.claim_upload(token):
+        try:
+            claimed = await self.service.journal.claim_upload(token)
+        except JournalWriteError as exc:
+            return error_response(503, f"the worker cannot take uploads now: {exc}; retry later")
+        if not claimed:
             return error_response(409, "this upload URL was already used (each takes one file); ask POST "
                                        "/api/upload-url for a new one")
         stored = False
         try:
             data = await read_capped(request, limit, f"the file is over the {limit} bytes limit (MAX_INPUT_BYTES)")
-            await asyncio.to_thread(_write_file, Path(rec.path), data)
-            await self.service.journal.uploaded(token, len(data))
+            try:
+                await asyncio.to_thread(_write_file, Path(rec.path), data)
+                await self.service.journal.uploaded(token, len(data))
+            except (OSError, JournalWriteError) as exc:  # a full disk, mostly: say so, never a 500
+                await asyncio.to_thread(shutil.rmtree, Path(rec.path).parent, True)
+                what = f"disk full: {exc.strerror}" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else exc
+                return error_response(503, f"the worker cannot store the upload now: {what}; retry later")
             stored = True
         finally:
             if not stored:  # refused or broken off: the URL may be used again
-                await self.service.journal.release_upload(token)
+                with contextlib.suppress(JournalWriteError):
+                    await self.service.journal.release_upload(token)
         log.info("upload %s...: %d bytes stored as %s", token[:6], len(data), rec.filename)
         return web.Response(status=200)
 

@@ -187,6 +187,7 @@ class JobService:
         for task in (self._flusher, self._vacuumer):
             if task is not None:
                 task.cancel()
+        await self._last_flush()
         if self._background:
             await asyncio.wait(list(self._background), timeout=WEBHOOK_TIMEOUT_S)
         for task in list(self._background):
@@ -482,6 +483,16 @@ class JobService:
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.create_task(self._flush_unsaved(), name="journal-retry")
             return False
+
+    async def _last_flush(self) -> None:
+        """At shutdown, one more try at the ends the journal could not take; say which ones are lost."""
+        for job_id, job in list(self._unsaved.items()):
+            try:
+                await self.journal.finished(job.record)
+                del self._unsaved[job_id]
+            except JournalWriteError as exc:
+                log.error("job %s ended %s, but its end could not be recorded before the worker stopped (%s); the "
+                          "next start will read it as '%s'", job_id, job.record.status, exc, RESTARTED_MESSAGE)
 
     async def _flush_unsaved(self) -> None:
         """Every UNSAVED_RETRY_S, write the ends the journal could not take; stop once all are written."""

@@ -304,15 +304,15 @@ class Journal:
                                   (UPLOAD_WRITING, token))
             return cur.rowcount == 1
 
-        return await self._call(_claim)
+        return await self._write(_claim)
 
     async def release_upload(self, token: str) -> None:
         """A claimed write that did not complete: the URL may be used again."""
-        await self._call(lambda: self.db.execute("UPDATE uploads SET size = NULL WHERE token = ? AND size = ?",
+        await self._write(lambda: self.db.execute("UPDATE uploads SET size = NULL WHERE token = ? AND size = ?",
                                                  (token, UPLOAD_WRITING)))
 
     async def uploaded(self, token: str, size: int) -> None:
-        await self._call(lambda: self.db.execute("UPDATE uploads SET size = ? WHERE token = ?", (size, token)))
+        await self._write(lambda: self.db.execute("UPDATE uploads SET size = ? WHERE token = ?", (size, token)))
 
     async def get_upload(self, token: str) -> UploadRecord | None:
         def _get() -> UploadRecord | None:
