@@ -136,7 +136,7 @@ TEMPLATES = (
              r"Workflow execution error: the prompt was interrupted in ComfyUI before .+ "
              r"\(someone called ComfyUI's /interrupt\)",
              ("the prompt was interrupted in ComfyUI before node X (Type) (someone called ComfyUI's /interrupt)",)),
-    Template("timeout", "Job timed out after N s while <stage>", rf"Job timed out after [0-9.]+ s while {STAGE}",
+    Template("timeout", "Job timed out after N s while <stage>", rf"Job timed out after [0-9.]+ s while {STAGE}(?:; .+)?",
              ("`Job timed out after N s while <stage>`",) + tuple(f"`{s}`" for s in STAGE_NAMES)
              + ("`running node X (Type)`",)),
     Template("comfy_unavailable", "ComfyUI server (host:port) not reachable: <why>",

@@ -212,6 +212,7 @@ class Settings:
 
     # --- jobs ------------------------------------------------------------------------------------------
     job_timeout_s: float = 600.0
+    interrupt_grace_s: float = 10.0
     max_job_timeout_s: float = 3600.0
     websocket_reconnect_attempts: int = 5
     websocket_reconnect_delay_s: float = 3.0
@@ -252,6 +253,7 @@ class Settings:
     max_connections: int = 512
     max_queue: int = 100
     job_retention_s: float = 3600.0
+    journal_vacuum_interval_s: float = 600.0
     endpoint_id: str | None = None
     runsync_envelope: str = "runpod"
     health_port: int | None = None  # runpod-lb: PORT_HEALTH when it differs from the API's port
@@ -355,6 +357,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         stop_timeout_s=r.number("STOP_TIMEOUT_S", 10.0, lo=0.1),
         log_ring_lines=r.integer("LOG_RING_LINES", 200, lo=1),
         job_timeout_s=r.number("JOB_TIMEOUT_S", 600.0, lo=0.1),
+        interrupt_grace_s=r.number("INTERRUPT_GRACE_S", 10.0, lo=0.1),
         max_job_timeout_s=r.number("MAX_JOB_TIMEOUT_S", 3600.0, lo=0.1),
         websocket_reconnect_attempts=r.integer("WEBSOCKET_RECONNECT_ATTEMPTS", 5, lo=0),
         websocket_reconnect_delay_s=r.number("WEBSOCKET_RECONNECT_DELAY_S", 3.0, lo=0),
@@ -393,6 +396,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_connections=r.integer("MAX_CONNECTIONS", 512, lo=1),
         max_queue=r.integer("MAX_QUEUE", 100, lo=1),
         job_retention_s=r.number("JOB_RETENTION_S", 3600.0, lo=0),
+        journal_vacuum_interval_s=r.number("JOURNAL_VACUUM_INTERVAL_S", 600.0, lo=0),
         endpoint_id=r.raw("RUNPOD_ENDPOINT_ID"),
         runsync_envelope=r.choice("RUNSYNC_ENVELOPE", "runpod", RUNSYNC_ENVELOPES),
         health_port=health_port,

@@ -25,6 +25,7 @@ from supervisor.config import ConfigError, Settings, load_settings
 from supervisor.logs import setup_logging
 from supervisor.metrics import WorkerMetrics
 from supervisor.supervision.pool import ComfyPool
+from supervisor.supervision.leftover import stop_leftovers
 from supervisor.supervision.ports import first_port_problem
 
 log = logging.getLogger("supervisor.main")
@@ -46,6 +47,8 @@ def main() -> int:
     if refusal:
         print(f"comfyui-worker: invalid configuration: {refusal}", file=sys.stderr)
         return EXIT_CONFIG
+    for line in stop_leftovers(settings):  # ours, from a worker killed -9: any other server is refused below
+        log.warning("%s", line)
     port_problem = first_port_problem(settings)
     if port_problem is not None:
         print(f"comfyui-worker: {port_problem.describe()}", file=sys.stderr)

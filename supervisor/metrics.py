@@ -34,7 +34,8 @@ INSTANCE = "0"
 FRONT_DOORS = ("api", "deploy", "runpod")
 JOB_STATUSES = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 PHASES = ("queue", "inputs", "comfyui", "outputs", "total")
-RESTART_REASONS = ("exited", "exited_starting", "hung", "start_timeout", "readiness_failed", "spawn_failed")
+RESTART_REASONS = ("exited", "exited_starting", "hung", "start_timeout", "readiness_failed", "spawn_failed",
+                   "stuck_prompt")
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 

@@ -128,10 +128,12 @@ def test_cancel_queued_and_running_jobs(w: ApiWorker) -> None:
     before = len([r for r in comfy_requests(w) if r["path"] == "/interrupt"])
     started = time.monotonic()
     assert w.api.ok("POST", f"/cancel/{running}") == {"id": running, "status": "CANCELLED"}
-    assert time.monotonic() - started < 8  # 200 steps would take 10 s
+    assert time.monotonic() - started < 1  # answered at once (200 steps would take 10 s)
     body = w.api.ok("GET", f"/status/{running}")
     assert body["status"] == "CANCELLED" and "output" not in body
-    assert len([r for r in comfy_requests(w) if r["path"] == "/interrupt"]) > before
+    # /cancel answered at once; ComfyUI is interrupted in the background
+    wait_for(lambda: len([r for r in comfy_requests(w) if r["path"] == "/interrupt"]) > before, 5,
+             what="ComfyUI to be interrupted")
     wait_for(lambda: comfy_queue(w) == {"queue_running": [], "queue_pending": []}, 10, what="ComfyUI's queue to empty")
     # cancelling a finished job changes nothing
     assert w.api.ok("POST", f"/cancel/{running}") == {"id": running, "status": "CANCELLED"}
@@ -234,8 +236,8 @@ def test_the_runpod_sdk_client_works_unchanged(w: ApiWorker) -> None:
     long_job = endpoint.run(with_steps(SEED_001, 200))
     wait_for(lambda: long_job.status() == "IN_PROGRESS", 30, what="the job to run")
     assert long_job.cancel()["status"] == "CANCELLED"
-    health = endpoint.health()
-    assert health["workers"]["running"] == 0
+    # /cancel answers at once; the job leaves ComfyUI (the next sampler step) in the background
+    wait_for(lambda: endpoint.health()["workers"]["running"] == 0, 5, what="the cancelled job to leave ComfyUI")
 
 
 class _Receiver:

@@ -77,6 +77,22 @@ def test_long_option_lists_come_from_the_catalogue_and_are_cut() -> None:
                      + ", ".join(names[:25]) + " and 5 more"]
 
 
+def test_built_in_loader_options_are_not_listed_as_installed_files() -> None:
+    """VAELoader lists ``pixel_space`` (and TAESD pairs) beside the VAE files: they are choices, not files."""
+    info = json.loads(json.dumps(CATALOG.info))
+    info["VAELoader"] = {"input": {"required": {"vae_name": [["taesd", "pixel_space"], {}]}}, "output_node": False}
+    body = {"node_errors": {"4": {"class_type": "VAELoader", "errors": [
+        {"type": "value_not_in_list", "message": "Value not in list", "details": "",
+         "extra_info": {"input_name": "vae_name", "received_value": "sdxl_vae.safetensors"}}]}}}
+    lines = render_node_errors(body["node_errors"], {"4": {"class_type": "VAELoader"}}, NodeCatalog(info))
+    assert lines == ["node 4 (VAELoader) input vae_name: 'sdxl_vae.safetensors' is not installed; installed: none "
+                     "(built-in options, not files: taesd, pixel_space)"]
+    info["VAELoader"]["input"]["required"]["vae_name"] = [["ae.safetensors", "pixel_space"], {}]
+    lines = render_node_errors(body["node_errors"], {"4": {"class_type": "VAELoader"}}, NodeCatalog(info))
+    assert lines == ["node 4 (VAELoader) input vae_name: 'sdxl_vae.safetensors' is not installed; installed: "
+                     "ae.safetensors (built-in options, not files: pixel_space)"]
+
+
 def test_a_wrong_non_model_option_suggests_the_right_one() -> None:
     body = {"node_errors": {"3": {"class_type": "KSampler", "errors": [
         {"type": "value_not_in_list", "message": "Value not in list", "details": "",
@@ -116,3 +132,40 @@ def test_preflight_names_failed_node_packs_when_a_class_is_unknown() -> None:
     assert report.problems == ["node 1: class_type 'VHS_VideoCombine' is not installed in this ComfyUI (no loaded "
                                "node pack provides it); node packs that failed to import: ComfyUI-VideoHelperSuite"]
     assert report.missing_names
+
+
+def test_a_crash_quotes_the_lines_that_explain_not_the_routine_ones(tmp_path: Path) -> None:
+    """After 15 jobs the last 20 lines were all ``got prompt`` / ``Prompt executed in ...``; the traceback of the
+    crash was pushed out. Routine lines are left out of a crash's quoted lines."""
+    import asyncio
+
+    from supervisor.errors import ComfyUnavailableError
+    from tests.helpers.jobs import supervisor_rig
+
+    def graph(color: int, blur: bool = False) -> dict:
+        g = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}},
+             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "r"}}}
+        if blur:
+            g["3"] = {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}}
+            g["2"]["inputs"]["images"] = ["3", 0]
+        return g
+
+    async def scenario(rig) -> ComfyUnavailableError:
+        engine = rig.engine()
+        try:
+            for n in range(15):
+                await engine.run_job(f"routine-{n}", {"workflow": graph(n)})
+            with pytest.raises(ComfyUnavailableError) as info:
+                await engine.run_job("crash", {"workflow": graph(99, blur=True)})
+            return info.value
+        finally:
+            await engine.close()
+
+    with supervisor_rig(tmp_path, STANDIN_NODE_FAULT="ImageBlur:exit:3") as rig:
+        err = asyncio.run(scenario(rig))
+        routine = [line for line in rig.sup._ring.tail(200) if "got prompt" in line or "Prompt executed" in line]
+    assert len(routine) >= 30  # they were printed
+    tail = err.details["log_tail"]
+    assert not [line for line in tail if "got prompt" in line or "Prompt executed" in line], tail
+    assert any("RuntimeError: standin: injected exit at node 3 (ImageBlur)" in line for line in tail), tail
+    assert "RuntimeError: standin: injected exit at node 3 (ImageBlur)" in err.describe()

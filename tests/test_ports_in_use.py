@@ -1,6 +1,6 @@
 """A port the worker needs that is already taken stops start-up before ComfyUI is spawned: one line naming the
 port, the variable to change and the process holding it; no traceback, and any server on the port is refused
-(a ComfyUI left over from an earlier run included)."""
+(a ComfyUI left over from an earlier run of ours on the same DATA_DIR is stopped first: tests/test_leftover_comfyui.py)."""
 
 from __future__ import annotations
 

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
+import errno
 import json
 import logging
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,8 +46,8 @@ from aiohttp import web
 from supervisor.api.formats import COMPLETED
 from supervisor.api.http_base import error_response, public
 from supervisor.api.http_intake import json_body, read_capped
-from supervisor.api.job_service import QueueFull, ShuttingDown
-from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, UploadRecord
+from supervisor.api.job_service import DiskFull, QueueFull, ShuttingDown
+from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, JournalWriteError, UploadRecord
 from supervisor.api.workflows import is_named_request
 from supervisor.config import Settings
 from supervisor.errors import JobError
@@ -145,6 +148,8 @@ class DeployFacade:
             return error_response(429, f"the queue is full ({self.settings.max_queue} jobs waiting, MAX_QUEUE)")
         except ShuttingDown:
             return error_response(503, "the worker is shutting down and takes no new jobs")
+        except DiskFull as exc:
+            return error_response(503, str(exc))
         return web.json_response({"run_id": job.id})
 
     async def get_run(self, request: web.Request) -> web.Response:
@@ -217,7 +222,10 @@ class DeployFacade:
         path = self.uploads_dir / token / filename
         rec = UploadRecord(token=token, filename=filename, content_type=content_type, created_at=now,
                            expires_at=now + max(UPLOAD_URL_TTL_S, self.settings.job_retention_s), path=str(path))
-        await self.service.journal.add_upload(rec)
+        try:
+            await self.service.journal.add_upload(rec)
+        except JournalWriteError as exc:
+            return error_response(503, f"the worker cannot take uploads now: {exc}; retry later")
         base = base_url(request)
         return web.json_response({
             "upload_url": f"{base}/api/upload/{token}",
@@ -234,18 +242,28 @@ class DeployFacade:
         if request.content_length is not None and request.content_length > limit:
             return error_response(413, f"the file is {request.content_length} bytes, over the {limit} limit "
                                        "(MAX_INPUT_BYTES)")
-        if not await self.service.journal.claim_upload(token):
+        try:
+            claimed = await self.service.journal.claim_upload(token)
+        except JournalWriteError as exc:
+            return error_response(503, f"the worker cannot take uploads now: {exc}; retry later")
+        if not claimed:
             return error_response(409, "this upload URL was already used (each takes one file); ask POST "
                                        "/api/upload-url for a new one")
         stored = False
         try:
             data = await read_capped(request, limit, f"the file is over the {limit} bytes limit (MAX_INPUT_BYTES)")
-            await asyncio.to_thread(_write_file, Path(rec.path), data)
-            await self.service.journal.uploaded(token, len(data))
+            try:
+                await asyncio.to_thread(_write_file, Path(rec.path), data)
+                await self.service.journal.uploaded(token, len(data))
+            except (OSError, JournalWriteError) as exc:  # a full disk, mostly: say so, never a 500
+                await asyncio.to_thread(shutil.rmtree, Path(rec.path).parent, True)
+                what = f"disk full: {exc.strerror}" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else exc
+                return error_response(503, f"the worker cannot store the upload now: {what}; retry later")
             stored = True
         finally:
             if not stored:  # refused or broken off: the URL may be used again
-                await self.service.journal.release_upload(token)
+                with contextlib.suppress(JournalWriteError):
+                    await self.service.journal.release_upload(token)
         log.info("upload %s...: %d bytes stored as %s", token[:6], len(data), rec.filename)
         return web.Response(status=200)
 

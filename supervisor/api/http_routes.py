@@ -18,7 +18,7 @@ from supervisor.api.http_base import (
     not_found,
 )
 from supervisor.api.http_intake import json_body
-from supervisor.api.job_service import Job, QueueFull, ShuttingDown
+from supervisor.api.job_service import DiskFull, Job, QueueFull, ShuttingDown
 from supervisor.config import RUNSYNC_ENVELOPES
 
 MAX_RUNSYNC_WAIT_S = 300.0
@@ -50,6 +50,8 @@ async def _submit(request: web.Request, prefix: str = "") -> Job | web.Response:
                                    "retry later")
     except ShuttingDown:
         return error_response(503, "the worker is shutting down and takes no new jobs; retry on another worker")
+    except DiskFull as exc:
+        return error_response(503, str(exc))
 
 
 async def handle_run(request: web.Request) -> web.Response:

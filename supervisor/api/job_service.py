@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from supervisor.api.journal import (
     IN_QUEUE,
     RESTARTED_MESSAGE,
     JobRecord,
+    JournalWriteError,
     Journal,
 )
 from supervisor.api.safe_json import sendable
@@ -53,6 +54,8 @@ from supervisor.metrics import WorkerMetrics
 log = logging.getLogger("supervisor.api")
 
 PURGE_INTERVAL_S = 60.0
+RECLAIM_LOG_BYTES = 1 << 20  # a reclaim that gives back less is not worth a log line
+UNSAVED_RETRY_S = 1.0  # how often the end of a job the journal could not record (a full disk) is written again
 MAX_STREAM_ITEMS = 1000
 SHUTDOWN_MESSAGE = "the worker shut down before the job finished (SHUTDOWN_GRACE_S={grace:g} s passed)"
 
@@ -65,6 +68,10 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     pass
+
+
+class DiskFull(Exception):
+    """The journal cannot record a new job (DATA_DIR's disk is full): intake answers 503 with this text."""
 
 
 def ms(seconds: float) -> int:
@@ -127,6 +134,9 @@ class JobService:
         self._runners: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._purger: asyncio.Task[None] | None = None
+        self._unsaved: dict[str, Job] = {}  # finished jobs whose end the journal could not record yet
+        self._flusher: asyncio.Task[None] | None = None
+        self._vacuumer: asyncio.Task[None] | None = None
         self._webhooks = WebhookSender(settings.url_input_allowlist)
         self._started_at = time.time()
         self.metrics = metrics or WorkerMetrics.disabled()
@@ -150,6 +160,8 @@ class JobService:
         self._runners = [asyncio.create_task(self._runner(n), name=f"job-runner-{n}")
                          for n in range(self.settings.max_concurrency)]
         self._purger = asyncio.create_task(self._purge_loop(), name="job-purge")
+        if self.settings.journal_vacuum_interval_s > 0:
+            self._vacuumer = asyncio.create_task(self._vacuum_loop(), name="journal-vacuum")
 
     def begin_shutdown(self) -> None:
         """No new jobs; the runners finish the job they hold and take no other."""
@@ -172,6 +184,10 @@ class JobService:
             task.cancel()
         if self._purger is not None:
             self._purger.cancel()
+        for task in (self._flusher, self._vacuumer):
+            if task is not None:
+                task.cancel()
+        await self._last_flush()
         if self._background:
             await asyncio.wait(list(self._background), timeout=WEBHOOK_TIMEOUT_S)
         for task in list(self._background):
@@ -200,7 +216,11 @@ class JobService:
             raise QueueFull()
         rec = JobRecord(id=f"{prefix}{uuid.uuid4()}", kind=kind, input=job_input, webhook=webhook,
                         meta=dict(meta or {}))
-        await self.journal.insert(rec)
+        try:
+            await self.journal.insert(rec)
+        except JournalWriteError as exc:
+            log.error("job refused: %s", exc)
+            raise DiskFull(f"the worker cannot take jobs now: {exc}; retry later") from None
         job = Job(rec)
         self.jobs[rec.id] = job
         self.queue.append(rec.id)
@@ -210,7 +230,11 @@ class JobService:
     async def record(self, job_id: str) -> tuple[JobRecord | None, Job | None]:
         """The job's current record (output included when finished), and its live entry if it has one."""
         job = self.jobs.get(job_id)
+        if job is not None and job_id in self._unsaved:  # finished, but the journal could not record it yet
+            return job.record, job
         if job is not None and not job.record.finished:
+            if job.cancel_requested:  # /cancel answered CANCELLED at once; ComfyUI is still letting go
+                return replace(job.record, status=CANCELLED), job
             return job.record, job
         rec = await self.journal.get(job_id)
         return rec, job
@@ -236,11 +260,16 @@ class JobService:
                 await self._finish(job, Outcome(CANCELLED))
                 log.info("job %s cancelled while queued", job_id)
             else:
+                # answered at once: taking the prompt back from ComfyUI (up to INTERRUPT_GRACE_S, then a restart
+                # of ComfyUI) and the cleanup finish in the background, and the job ends CANCELLED
+                if job.task is not None and job.task.done():  # it has just ended: its own outcome stands
+                    await job.done.wait()
+                    return {"id": job_id, "status": job.record.status}
                 job.cancel_requested = True
-                if job.task is not None and not job.task.done():
+                if job.task is not None:
                     job.task.cancel()
                     log.info("job %s: cancelling (interrupting ComfyUI)", job_id)
-                await job.done.wait()
+                return {"id": job_id, "status": CANCELLED}
             return {"id": job_id, "status": job.record.status}
         rec = await self.journal.get(job_id)
         return None if rec is None else {"id": job_id, "status": rec.status}
@@ -369,7 +398,10 @@ class JobService:
         rec.status, rec.started_at = IN_PROGRESS, time.time()
         self.metrics.phase("queue", rec.started_at - rec.created_at)
         job.task = asyncio.create_task(self._execute(job, instance.engine), name=f"job-{rec.id}")
-        await self.journal.started(rec.id, rec.started_at)
+        try:
+            await self.journal.started(rec.id, rec.started_at)
+        except JournalWriteError as exc:  # the job runs anyway; its end is recorded when the disk allows
+            log.error("job %s: its start is not recorded: %s", rec.id, exc)
         on = f" on ComfyUI instance {instance.label}" if len(self.dispatcher.instances) > 1 else ""
         log.info("job %s started%s (waited %.2f s in the queue)", rec.id, on, rec.started_at - rec.created_at)
         await asyncio.wait({job.task})
@@ -420,7 +452,7 @@ class JobService:
         rec.output = sendable(outcome.output) if outcome.status == COMPLETED else None
         rec.error = sendable(outcome.error)
         rec.input = None
-        await self.journal.finished(rec)
+        saved = await self._record_end(job)
         self._count(rec)
         took = rec.finished_at - (rec.started_at or rec.finished_at)
         if outcome.status == COMPLETED:
@@ -430,8 +462,50 @@ class JobService:
             log.info("job %s %s after %.2f s%s", rec.id, outcome.status, took, f": {first}" if first else "")
         if rec.webhook:
             self._spawn(self._send_webhook(rec))
-        rec.output = None  # kept in the journal, not in memory
+        if saved:
+            rec.output = None  # kept in the journal, not in memory
         job.done.set()
+
+    async def _record_end(self, job: Job) -> bool:
+        """Write the job's end; when the journal cannot (a full disk), keep it in memory and retry until it can.
+
+        The job has ended either way: /status answers from memory meanwhile, and a job is never left
+        IN_PROGRESS because its end could not be written.
+        """
+        rec = job.record
+        try:
+            await self.journal.finished(rec)
+            return True
+        except JournalWriteError as exc:
+            log.error("job %s %s, but its end is not recorded yet: %s; it is kept in memory and written as soon as "
+                      "the journal can be", rec.id, rec.status, exc)
+            self._unsaved[rec.id] = job
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush_unsaved(), name="journal-retry")
+            return False
+
+    async def _last_flush(self) -> None:
+        """At shutdown, one more try at the ends the journal could not take; say which ones are lost."""
+        for job_id, job in list(self._unsaved.items()):
+            try:
+                await self.journal.finished(job.record)
+                del self._unsaved[job_id]
+            except JournalWriteError as exc:
+                log.error("job %s ended %s, but its end could not be recorded before the worker stopped (%s); the "
+                          "next start will read it as '%s'", job_id, job.record.status, exc, RESTARTED_MESSAGE)
+
+    async def _flush_unsaved(self) -> None:
+        """Every UNSAVED_RETRY_S, write the ends the journal could not take; stop once all are written."""
+        while self._unsaved:
+            await asyncio.sleep(UNSAVED_RETRY_S)
+            for job_id, job in list(self._unsaved.items()):
+                try:
+                    await self.journal.finished(job.record)
+                except JournalWriteError:
+                    break  # still full: try again later
+                del self._unsaved[job_id]
+                job.record.output = None
+                log.info("job %s: its end (%s) is now recorded in the journal", job_id, job.record.status)
 
     def _count(self, rec: JobRecord) -> None:
         door = "deploy" if rec.kind == "deploy" else "api"
@@ -440,14 +514,29 @@ class JobService:
     # --- webhooks and retention ------------------------------------------------------------------------
 
     async def _send_webhook(self, rec: JobRecord) -> None:
-        full = await self.journal.get(rec.id) or rec
+        full = rec if rec.id in self._unsaved else (await self.journal.get(rec.id) or rec)
         await self._webhooks.send(rec.id, rec.webhook or "", job_body(full))
 
     async def _purge_loop(self) -> None:
         interval = min(PURGE_INTERVAL_S, max(self.settings.job_retention_s / 2, 0.5))
         while True:
             await asyncio.sleep(interval)
-            await self.purge()
+            try:
+                await self.purge()
+            except JournalWriteError as exc:  # a full disk: purge again next time
+                log.warning("purging finished jobs failed: %s", exc)
+
+    async def _vacuum_loop(self) -> None:
+        """Every JOURNAL_VACUUM_INTERVAL_S, give the journal's free space back (it never shrinks by itself)."""
+        while True:
+            await asyncio.sleep(self.settings.journal_vacuum_interval_s)
+            try:
+                before, after = await self.journal.reclaim()
+            except JournalWriteError as exc:
+                log.warning("reclaiming the journal's free space failed: %s", exc)
+                continue
+            if before - after >= RECLAIM_LOG_BYTES:
+                log.info("journal %s: %.1f MB -> %.1f MB", self.journal.path, before / 1e6, after / 1e6)
 
     async def purge(self) -> None:
         cutoff = time.time() - self.settings.job_retention_s

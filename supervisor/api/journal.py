@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import json
 import sqlite3
 import time
@@ -32,6 +33,7 @@ IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
 FINAL_STATUSES = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 RESTARTED_MESSAGE = "worker restarted while the job ran"
+RECLAIM_MIN_FREE = 1 << 20  # VACUUM only when at least this much of the file is free pages
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -118,6 +120,20 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
                      meta=_loads(row["meta"]) or {})
 
 
+class JournalWriteError(Exception):
+    """A write the journal could not make, mostly because DATA_DIR's disk is full; the caller decides what it means.
+
+    ``str()`` is one line for people: what could not be written, why, and what to do.
+    """
+
+    def __init__(self, path: Path, exc: BaseException) -> None:
+        self.disk_full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower() or (
+            isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+        what = "disk full: " if self.disk_full else ""
+        hint = "; free space on DATA_DIR" if self.disk_full else ""
+        super().__init__(f"{what}the job journal {path} cannot be written ({exc}){hint}")
+
+
 class Journal:
     """Async facade over one SQLite file; every method runs on the journal's own thread."""
 
@@ -134,6 +150,13 @@ class Journal:
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """A write: SQLite's and the system's failures (a full disk) become one JournalWriteError."""
+        try:
+            return await self._call(fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise JournalWriteError(self.path, exc) from exc
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,15 +192,15 @@ class Journal:
                  rec.finished_at, _dumps(rec.output), rec.error, _dumps(rec.meta) or "{}"),
             )
 
-        await self._call(_insert)
+        await self._write(_insert)
 
     async def started(self, job_id: str, at: float) -> None:
-        await self._call(lambda: self.db.execute(
+        await self._write(lambda: self.db.execute(
             "UPDATE jobs SET status = ?, started_at = ? WHERE id = ?", (IN_PROGRESS, at, job_id)))
 
     async def finished(self, rec: JobRecord) -> None:
         """Record the end; the input is dropped (it can be megabytes of base64 and is not needed any more)."""
-        await self._call(lambda: self.db.execute(
+        await self._write(lambda: self.db.execute(
             "UPDATE jobs SET status = ?, input = NULL, started_at = ?, finished_at = ?, output = ?, error = ?,"
             " meta = ? WHERE id = ?",
             (rec.status, rec.started_at, rec.finished_at, _dumps(rec.output), rec.error, _dumps(rec.meta) or "{}",
@@ -234,12 +257,42 @@ class Journal:
             db.execute("DELETE FROM uploads WHERE expires_at < ?", (at,))
             return ids, paths
 
-        return await self._call(_purge)
+        return await self._write(_purge)
+
+    async def reclaim(self) -> tuple[int, int]:
+        """Give the space of dropped inputs and purged jobs back to the file system; (bytes before, after).
+
+        SQLite reuses freed pages but never shrinks its file, and the WAL file keeps its largest size: after a
+        load run the journal stayed at hundreds of MB. ``VACUUM`` rewrites the database when enough of it is free
+        (RECLAIM_MIN_FREE), and a TRUNCATE checkpoint empties the WAL. It runs on the journal's thread, so it
+        briefly delays the other journal calls; the job engine does not wait on it.
+        """
+
+        def _reclaim() -> tuple[int, int]:
+            before = self.size_bytes()
+            db = self.db
+            free = db.execute("PRAGMA freelist_count").fetchone()[0] * db.execute("PRAGMA page_size").fetchone()[0]
+            if free >= RECLAIM_MIN_FREE:
+                db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return before, self.size_bytes()
+
+        return await self._write(_reclaim)
+
+    def size_bytes(self) -> int:
+        """The journal's size on disk: the database and its WAL."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
 
     # --- uploads (ComfyUI Deploy facade) ---------------------------------------------------------------
 
     async def add_upload(self, rec: UploadRecord) -> None:
-        await self._call(lambda: self.db.execute(
+        await self._write(lambda: self.db.execute(
             "INSERT INTO uploads (token, filename, content_type, created_at, expires_at, size, path)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (rec.token, rec.filename, rec.content_type, rec.created_at, rec.expires_at, rec.size, rec.path)))
@@ -251,15 +304,15 @@ class Journal:
                                   (UPLOAD_WRITING, token))
             return cur.rowcount == 1
 
-        return await self._call(_claim)
+        return await self._write(_claim)
 
     async def release_upload(self, token: str) -> None:
         """A claimed write that did not complete: the URL may be used again."""
-        await self._call(lambda: self.db.execute("UPDATE uploads SET size = NULL WHERE token = ? AND size = ?",
+        await self._write(lambda: self.db.execute("UPDATE uploads SET size = NULL WHERE token = ? AND size = ?",
                                                  (token, UPLOAD_WRITING)))
 
     async def uploaded(self, token: str, size: int) -> None:
-        await self._call(lambda: self.db.execute("UPDATE uploads SET size = ? WHERE token = ?", (size, token)))
+        await self._write(lambda: self.db.execute("UPDATE uploads SET size = ? WHERE token = ?", (size, token)))
 
     async def get_upload(self, token: str) -> UploadRecord | None:
         def _get() -> UploadRecord | None:

@@ -131,4 +131,13 @@ class ComfyHandle(Protocol):
         """
 
     def log_tail(self, n: int = 20) -> list[str]:
-        """The last ``n`` lines ComfyUI printed (stdout and stderr, in order)."""
+        """The last ``n`` lines ComfyUI printed that can explain a failure (stdout and stderr, in order; routine
+        lines such as ``got prompt`` and ``Prompt executed in ...`` left out)."""
+
+    def restart(self, generation: int, reason: str) -> Awaitable[CrashInfo]:
+        """Awaitable in the caller's loop: kill that generation's process tree and start a new one.
+
+        For a ComfyUI that does not let go of an interrupted prompt (a node that never checks the flag). Resolves
+        once that process has ended (at once if it already had); a restart asked for an older generation is a
+        no-op. Such a restart does not count towards the crash-loop breaker.
+        """

@@ -27,7 +27,7 @@ from supervisor.jobs.outputs import OutputRef, collect_refs
 log = logging.getLogger("supervisor.jobs")
 
 CANCEL_GRACE_S = 10.0  # how long late cleanups may still run when the engine closes
-TAKE_BACK_S = 3.0  # how long a job that gave up waits for ComfyUI to let go of its prompt (late cleanup does the rest)
+RESTART_KILL_S = 5.0  # beyond STOP_TIMEOUT_S, how long a restart's kill of ComfyUI's tree may take
 ABANDON_POLL_S = 0.1
 REINTERRUPT_S = 1.0  # an interrupt posted between two prompts is lost: repeat it while the prompt still runs
 LATE_CLEANUP_POLL_S = 1.0
@@ -56,24 +56,46 @@ class Cleaner:
 
     # --- giving the prompt back ---------------------------------------------------------------------
 
-    async def abandon(self, job: Job) -> None:
+    async def abandon(self, job: Job) -> str | None:
         """Take the prompt back from ComfyUI: delete it if queued, interrupt it if running; wait, bounded.
 
-        If ComfyUI does not let go within TAKE_BACK_S (or cannot be reached), the job still ends; its folders
-        are then removed later, once the prompt has left (see :meth:`cleanup`).
+        ComfyUI acts on an interrupt only between nodes or sampler steps, so a node that runs for minutes holds
+        the prompt (and every job behind it) for minutes. If ComfyUI has not let go within INTERRUPT_GRACE_S,
+        its process is restarted: a deadline then holds at deadline + grace + the kill, and the next job waits
+        for the restart, not for the node. Returns a note for the job's message when that happened. If ComfyUI
+        cannot be reached, the job still ends; its folders are removed once the prompt has left.
         """
         if not job.posted or job.ended or job.crashed is not None:
-            return
+            return None
+        grace = self.settings.interrupt_grace_s
         try:
-            async with asyncio.timeout(TAKE_BACK_S):
+            async with asyncio.timeout(grace):
                 await self._take_back(job)
-                return
+                return None
         except ComfyUnavailableError as exc:
-            why = f"ComfyUI did not answer ({exc.details.get('reason', exc.message)})"
+            log.warning("job %s: could not take prompt %s back: ComfyUI did not answer (%s); its files are "
+                        "removed once it leaves", job.job_id, job.prompt_id, exc.details.get("reason", exc.message))
+            return None
         except TimeoutError:
-            why = f"it was still in ComfyUI after {TAKE_BACK_S:g} s"
-        log.warning("job %s: could not take prompt %s back: %s; its files are removed once it leaves",
-                    job.job_id, job.prompt_id, why)
+            pass
+        return await self._restart_comfy(job, grace)
+
+    async def _restart_comfy(self, job: Job, grace: float) -> str:
+        """ComfyUI kept the prompt past the grace: restart it (its queue goes with it) and wait for the kill."""
+        note = (f"ComfyUI did not let go of the prompt within {grace:g} s of the interrupt (INTERRUPT_GRACE_S), "
+                "so it was restarted")
+        log.warning("job %s: prompt %s %s; restarting ComfyUI", job.job_id, job.prompt_id,
+                    f"was still in ComfyUI {grace:g} s after the interrupt")
+        try:
+            async with asyncio.timeout(self.settings.stop_timeout_s + RESTART_KILL_S):
+                await self.comfy.restart(job.generation, f"job {job.job_id}'s prompt did not let go of an "
+                                         f"interrupt within {grace:g} s (INTERRUPT_GRACE_S)")
+        except TimeoutError:
+            log.error("job %s: ComfyUI (generation %d) was not gone after the restart's kill", job.job_id,
+                      job.generation)
+            return note
+        job.ended = True  # its process, queue and prompt are gone: the files can go now
+        return note
 
     async def _take_back(self, job: Job) -> None:
         """Poll ``/queue`` (only here, after the job gave up on the prompt) until the prompt is gone."""

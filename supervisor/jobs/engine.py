@@ -68,6 +68,7 @@ from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.jobs")
 
+LATE_S = 1.0  # a timed-out job that ends later than this past its deadline says when it ended
 REQUEUES = 1  # a job whose ComfyUI died before the job started is queued again on the restarted one, once
 
 
@@ -177,11 +178,9 @@ class JobEngine:
         except TimeoutError:
             if not timeout.expired():
                 raise
-            await self._cleaner.abandon(job)
-            raise JobTimeoutError(
-                f"Job timed out after {job.request.timeout_s:g} s while {job.stage}",
-                details={"prompt_id": job.prompt_id, "node": job.node},
-            ) from None
+            stage = job.stage
+            note = await self._cleaner.abandon(job)
+            raise timed_out(job, stage, note, time.monotonic() - started) from None
         except asyncio.CancelledError:
             await shielded(self._cleaner.abandon(job))
             raise
@@ -295,6 +294,17 @@ class JobEngine:
         except ComfyUploadError as exc:
             raise InvalidInputError(f"{UPLOAD_PREFIX}: {exc}") from None
         return {f.name: ref for f, ref in zip(resolved.files, refs)}
+
+
+def timed_out(job: Job, stage: str, note: str | None, elapsed_s: float) -> JobTimeoutError:
+    """``Job timed out after N s while <stage>``, then what it took to end: the real time, and a restart if any."""
+    message = f"Job timed out after {job.request.timeout_s:g} s while {stage}"
+    if note:
+        message += f"; {note}"
+    if note or elapsed_s > job.request.timeout_s + LATE_S:
+        message += f"; the job ended {elapsed_s:.1f} s after it started"
+    return JobTimeoutError(message, details={"prompt_id": job.prompt_id, "node": job.node,
+                                             "elapsed_s": round(elapsed_s, 3), "comfy_restarted": bool(note)})
 
 
 def _result(job: Job, outputs: list[JobOutput], timings: dict[str, float]) -> JobResult:

@@ -35,6 +35,9 @@ class ComfyDirs:
         return {"input": self.input, "output": self.output, "temp": self.temp}.get(kind)
 
 
+JOB_FOLDER_PREFIX = "job-"  # every job folder's name starts so (input/job-.../, output/job-.../): private to its job
+
+
 def comfy_dirs(settings: Settings) -> ComfyDirs:
     """The one place that knows the layout: ``data_dir/input``, ``data_dir/output``, ``data_dir/temp``."""
     base = Path(settings.data_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.comfy.status import CrashInfo
+from supervisor.jobs.inputs import JOB_FOLDER_PREFIX
 from supervisor.jobs.outputs import JobOutput
 from supervisor.jobs.preflight import node_label
 from supervisor.jobs.request import JobRequest
@@ -96,7 +97,7 @@ class Job:
 def job_folder(job_id: str) -> str:
     """The job's own subfolder name in ComfyUI's input and output folders: safe, short, unique."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", job_id)[:48] or "job"
-    return f"job-{safe}-{uuid.uuid4().hex[:8]}"
+    return f"{JOB_FOLDER_PREFIX}{safe}-{uuid.uuid4().hex[:8]}"
 
 
 class Progress:

@@ -23,12 +23,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.jobs.inputs import ComfyDirs
+from supervisor.jobs.inputs import JOB_FOLDER_PREFIX, ComfyDirs
 
 MODEL_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft", ".gguf", ".onnx")
 UPLOAD_FLAGS = ("image_upload",)
 MAX_LISTED = 25
 FILE_TYPE_SUFFIXES = {" [input]": "input", " [output]": "output", " [temp]": "temp"}
+JOB_FILES = {"output": "outputs", "temp": "previews"}
 
 
 class NodeCatalog:
@@ -220,9 +221,15 @@ def _check_models(node_id: str, graph: Mapping[str, Mapping[str, Any]], catalog:
 
 
 def not_installed(value: str, options: Sequence[str]) -> str:
-    """``'x.safetensors' is not installed; installed: a.safetensors, b.safetensors``."""
-    installed = [o for o in options if looks_like_model(o)] or list(options)
-    return f"'{value}' is not installed; installed: {_listing(installed)}"
+    """``'x.safetensors' is not installed; installed: a.safetensors, b.safetensors``.
+
+    Only files count as installed: a loader's built-in choices (VAELoader's ``pixel_space``, the TAESD pairs)
+    are named apart, so nobody looks for a file called ``pixel_space``.
+    """
+    installed = [o for o in options if looks_like_model(o)]
+    built_in = [o for o in options if not looks_like_model(o)]
+    line = f"'{value}' is not installed; installed: {_listing(installed)}"
+    return line + (f" (built-in options, not files: {_listing(built_in)})" if built_in else "")
 
 
 def _listing(options: Sequence[str]) -> str:
@@ -249,6 +256,13 @@ def _check_input_files(
             continue
         if not catalog.is_upload_input(node["class_type"], name):
             continue
+        private = other_jobs_file(value)
+        if private:
+            report.problems.append(
+                f"{node_label(node_id, graph)} input {name}: '{_cut(value)}' names {private}; a job can load only "
+                "the images it supplies and the files installed in ComfyUI's input folder"
+            )
+            continue
         if input_file_exists(value, dirs):
             continue
         given = ("supplied: " + ", ".join(supplied)) if supplied else 'no images were supplied (send them as "images": [{"name", "image"}])'
@@ -256,6 +270,22 @@ def _check_input_files(
             f"{node_label(node_id, graph)} input {name}: '{_cut(value)}' was not supplied and is not in "
             f"ComfyUI's input folder; {given}"
         )
+
+
+def other_jobs_file(value: str) -> str | None:
+    """What a file name reaches that belongs to jobs, not to the installation; None when it is not such a name.
+
+    ComfyUI's output and temp folders hold only jobs' results and previews, and every ``job-...`` folder of its
+    input folder one job's uploads: all of them are private to the job that made them (they are deleted when it
+    ends, but a job that runs meanwhile must not read them either).
+    """
+    for suffix, folder in FILE_TYPE_SUFFIXES.items():
+        if value.endswith(suffix) and folder != "input":
+            return f"a file in ComfyUI's {folder} folder, where only jobs' own {JOB_FILES[folder]} are"
+    first = value.removesuffix(" [input]").replace("\\", "/").lstrip("/").split("/", 1)[0]
+    if first.startswith(JOB_FOLDER_PREFIX):
+        return f"another job's upload folder ({first})"
+    return None
 
 
 def input_file_exists(value: str, dirs: ComfyDirs) -> bool:

@@ -4,7 +4,8 @@ Why before: ComfyUI learns that its port is taken only after it has loaded every
 supervisor's restarts bury "address already in use" under a crash loop; the API's port is bound only after
 ComfyUI was spawned, so a taken API port left a half-started ComfyUI behind. Worse, whatever server already
 listens on COMFYUI_PORT would answer the readiness probe in ComfyUI's place. So ``main`` asks here first and
-refuses any server on either port, a ComfyUI left over from an earlier worker included.
+refuses any server on either port (a ComfyUI left over by an earlier worker of ours on the same DATA_DIR was
+stopped just before, :mod:`supervisor.supervision.leftover`).
 
 A port is free when it can be bound the way aiohttp binds it (``SO_REUSEADDR``, so connections of an earlier
 run still in TIME_WAIT do not count as "in use"; ``IPV6_V6ONLY`` on IPv6, like asyncio). The probe socket is

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,6 +23,8 @@ import psutil
 log = logging.getLogger("supervisor.process")
 
 TREE_MARKER_VAR = "COMFY_WORKER_TREE"
+# what ComfyUI prints for every prompt, whatever happens: never the line that explains a crash
+ROUTINE_LINE = re.compile(r"\s*(got prompt|Prompt executed in [0-9.:]+( seconds)?)\s*$")
 
 LineSink = Callable[[str, str], None]  # (stream name, line without newline)
 
@@ -49,6 +52,12 @@ class LogRing:
 
     def tail(self, n: int) -> list[str]:
         lines = list(self._lines)
+        return lines[-n:] if n > 0 else []
+
+    def explanatory_tail(self, n: int) -> list[str]:
+        """The last ``n`` lines that can explain a failure: ComfyUI's routine lines (``got prompt``, ``Prompt
+        executed in 0.01 seconds``) repeat once per job and would push the traceback out of a crash message."""
+        lines = [line for line in self._lines if not ROUTINE_LINE.match(line)]
         return lines[-n:] if n > 0 else []
 
 

@@ -35,6 +35,7 @@ import aiohttp
 
 from supervisor.config import Settings
 from supervisor.metrics import WorkerMetrics
+from supervisor.supervision.leftover import remove_pid_file, write_pid_file
 from supervisor.supervision.model_paths import write_extra_model_paths
 from supervisor.supervision.process import ComfyProcess, ExitStatus, LogRing
 from supervisor.comfy.status import CrashInfo, State, Status
@@ -45,6 +46,7 @@ log = logging.getLogger("supervisor")
 comfy_log = logging.getLogger("comfyui")
 
 IMPORT_FAILURE_MARKERS = ("IMPORT FAILED", "Cannot import ")
+RESTARTED = "restarted on request"  # the reason of a generation ended by ComfyHandle.restart
 
 
 class ComfySupervisor:
@@ -76,6 +78,7 @@ class ComfySupervisor:
         self._failures: collections.deque[float] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
+        self._restart_asked: asyncio.Future[str] | None = None  # this generation's restart request (its reason)
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._state_file = StateFileWriter(settings.state_file)
@@ -131,7 +134,7 @@ class ComfySupervisor:
             return self._status_locked()
 
     def log_tail(self, n: int = 20) -> list[str]:
-        return self._ring.tail(n)
+        return self._ring.explanatory_tail(n)
 
     def add_listener(self, listener: Callable[[Status], None]) -> None:
         """Call ``listener(status)`` on every state change (from the supervisor's thread: keep it quick)."""
@@ -169,6 +172,24 @@ class ComfySupervisor:
             fut: asyncio.Future[CrashInfo] = loop.create_future()
             self._exit_waiters.setdefault(generation, []).append((loop, fut))
         return await fut
+
+    async def restart(self, generation: int, reason: str) -> CrashInfo:
+        """Kill that generation's tree and start a new one; resolve once it has ended (see ComfyHandle.restart)."""
+        loop = self._loop
+        with self._lock:
+            current = generation == self._generation and generation not in self._exits
+        if current and loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._ask_restart, generation, reason)
+            except RuntimeError:  # the supervisor's loop has ended: so has the process
+                pass
+        return await self.wait_exit(generation)
+
+    def _ask_restart(self, generation: int, reason: str) -> None:
+        """On the supervisor's loop: wake the watch of that generation (only if it is still the running one)."""
+        fut = self._restart_asked
+        if fut is not None and not fut.done() and generation == self._generation:
+            fut.set_result(reason)
 
     # ------------------------------------------------------------------------------------------------
     # State bookkeeping (any thread; mostly the supervisor's)
@@ -267,6 +288,8 @@ class ComfySupervisor:
             info = await self._run_generation(required)
             if info is None or self._stopping():
                 return
+            if info.reason.startswith(RESTARTED):  # asked for, not a failure: start again at once
+                continue
             delay = self._after_failure(info)
             if delay is None:
                 return
@@ -319,12 +342,13 @@ class ComfySupervisor:
                 self.metrics.comfyui_restarted(restart_reason(self._last_exit), self.instance)
             self._import_failures = []
             self._missing = ()
+        marker = uuid.uuid4().hex
         try:
             proc = await ComfyProcess.spawn(
                 self._argv(),
                 cwd=str(self.settings.comfyui_dir),
                 env=self.settings.child_env,
-                marker=uuid.uuid4().hex,
+                marker=marker,
                 sink=self._on_line,
             )
         except OSError as exc:
@@ -334,21 +358,26 @@ class ComfySupervisor:
         with self._lock:
             self._pid, self._spawned_at = proc.pid, time.monotonic()
         log.info("started %s (pid %d, generation %d): %s", self._who, proc.pid, generation, " ".join(self._argv()))
+        data_dir = self.settings.data_dir
+        # so that a worker started after this one was killed -9 recognises this ComfyUI as ours (leftover.py)
+        await asyncio.to_thread(write_pid_file, data_dir, proc.pid, marker, self.settings.comfyui_port)
         try:
             return await self._supervise_process(proc, generation, required)
         finally:
             proc.close()
+            await asyncio.to_thread(remove_pid_file, data_dir, proc.pid)
 
     async def _supervise_process(self, proc: ComfyProcess, generation: int, required: tuple[str, ...]) -> CrashInfo | None:
         exited = asyncio.ensure_future(proc.wait())
         stop = asyncio.ensure_future(self._stop_event.wait())  # type: ignore[union-attr]
+        self._restart_asked = asyncio.get_running_loop().create_future()
         try:
             outcome = await self._start_phase(proc, required, exited, stop)
             if outcome == "ready":
-                outcome = await self._watch_phase(exited, stop)
+                outcome = await self._watch_phase(exited, stop, self._restart_asked)
             return await self._end_generation(proc, generation, outcome, exited)
         finally:
-            for task in (exited, stop):
+            for task in (exited, stop, self._restart_asked):
                 task.cancel()
 
     async def _start_phase(
@@ -378,16 +407,20 @@ class ComfySupervisor:
             return f"readiness check failed: {ready.exception()}"
         return f"did not become ready within {self.settings.start_timeout_s:g} s"
 
-    async def _watch_phase(self, exited: asyncio.Future[Any], stop: asyncio.Future[Any]) -> str:
+    async def _watch_phase(
+        self, exited: asyncio.Future[Any], stop: asyncio.Future[Any], restart: asyncio.Future[str]
+    ) -> str:
         hung = asyncio.ensure_future(self._watch_health())
         try:
-            done, _ = await asyncio.wait({hung, exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({hung, exited, stop, restart}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             hung.cancel()
         if stop in done:
             return "stop"
         if exited in done:
             return "exited"
+        if restart in done:
+            return f"{RESTARTED}: {restart.result()}"
         return "killed as hung"
 
     async def _end_generation(
@@ -402,6 +435,9 @@ class ComfySupervisor:
         if outcome == "killed as hung":
             self._set_state(State.RESTARTING, f"ComfyUI (pid {proc.pid}) did not answer {s.health_failures} "
                             "health probes in a row; killing its process tree")
+        elif outcome.startswith(RESTARTED):
+            self._set_state(State.RESTARTING, f"ComfyUI (pid {proc.pid}) is restarted: {outcome.split(': ', 1)[1]}")
+            log.warning("%s (pid %d) is restarted: %s", self._who, proc.pid, outcome.split(": ", 1)[1])
         else:
             self._set_state(State.RESTARTING, f"ComfyUI (pid {proc.pid}) {outcome}")
         status = await proc.kill(min(s.stop_timeout_s, 3.0))  # also reaps descendants of an exited process
@@ -410,7 +446,8 @@ class ComfySupervisor:
         return info
 
     def _crash_info(self, generation: int, proc: ComfyProcess, status: ExitStatus, reason: str) -> CrashInfo:
-        return CrashInfo(generation, proc.pid, status.exit_code, status.signal, reason, tuple(self._ring.tail(20)))
+        return CrashInfo(generation, proc.pid, status.exit_code, status.signal, reason,
+                         tuple(self._ring.explanatory_tail(20)))
 
     def _after_failure(self, info: CrashInfo) -> float | None:
         """Record a failure; the delay before the next start, or None when the crash loop breaker trips."""
@@ -432,7 +469,7 @@ class ComfySupervisor:
         return delay
 
     def _fail(self, reason: str, *, with_log: bool = True) -> None:
-        tail = self._ring.tail(15) if with_log else []
+        tail = self._ring.explanatory_tail(15) if with_log else []
         detail = ("\nLast ComfyUI output:\n  " + "\n  ".join(tail)) if tail else ""
         self._set_state(State.FAILED, reason + detail)
 
@@ -557,6 +594,8 @@ def restart_reason(last_exit: CrashInfo | None) -> str:
         return "readiness_failed"
     if reason.startswith("could not be started"):
         return "spawn_failed"
+    if reason.startswith(RESTARTED):
+        return "stuck_prompt"
     return "exited"
 
 

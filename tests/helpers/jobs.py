@@ -336,3 +336,6 @@ class ProxiedHandle:
 
     def log_tail(self, n: int = 20) -> list[str]:
         return self._sup.log_tail(n)
+
+    def restart(self, generation: int, reason: str) -> Any:
+        return self._sup.restart(generation, reason)

@@ -512,6 +512,8 @@ def _apply_node_fault(node_id: str, class_type: str, flush: Callable[[], None]) 
         raise Exception(fault.arg if fault.arg else f"standin: injected error at node {node_id} ({class_type})")
     elif fault.action == "oom":
         raise runtime.OutOfMemoryError(CUDA_OOM_MESSAGE)
+    elif fault.action == "sleep":  # a long node without a progress bar: /interrupt waits for its end
+        time.sleep(faults.seconds(fault.arg, 7.0))
 
 
 def _code(arg: str | None) -> int:

@@ -7,7 +7,8 @@ knows. The contract (documented in README.md) is fixed because other code is wri
 * ``STANDIN_START_FAULT=exit[:code]|kill|hang``  die (traceback-like text, exit code default 1), SIGKILL
   itself, or hang forever without serving.
 * ``STANDIN_NODE_FAULT=<target>:<action>[,...]``  target = class_type or node id; action = ``exit[:code]``,
-  ``kill``, ``hang`` (the whole server stops answering), ``error[:message]``, ``oom``.
+  ``kill``, ``hang`` (the whole server stops answering), ``error[:message]``, ``oom``, ``sleep:<seconds>`` (a
+  long node that never looks at the interrupt flag, as a real node without a progress bar).
 * ``STANDIN_STEP_DELAY_S`` (default 0.01) per sampler step; ``STANDIN_NODE_DELAY_S`` (default 0) per node.
 * ``STANDIN_SPAWN_GRANDCHILD=1``  spawn a python child that ignores SIGINT/SIGTERM and sleeps forever.
 * ``STANDIN_REQUEST_LOG=<path>``  one JSON line per HTTP request and ws connect.
@@ -92,6 +93,14 @@ def fault_for(node_id: str, class_type: str) -> NodeFault | None:
 def _exit_code(arg: str | None, default: int = 1) -> int:
     try:
         return int(arg) if arg not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def seconds(arg: str | None, default: float) -> float:
+    """A fault's duration argument; the default when it is missing or not a number."""
+    try:
+        return float(arg) if arg not in (None, "") else default
     except ValueError:
         return default
 
