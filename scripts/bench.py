@@ -791,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full",
     }
     print(table(results))
+    for out in (args.json, args.markdown):
+        out.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, **results}, indent=2))
     write_markdown(args.markdown, results, meta)
     missing = [f"{name}: {key}" for name, result in results.items()

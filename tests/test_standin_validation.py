@@ -31,10 +31,12 @@ VARYING = frozenset({"prompt_id", "traceback", "number"})
 
 
 def normalise(body):
-    """ComfyUI builds a node's errors and ``dependent_outputs`` by iterating Python sets (hash order,
-    different in every process): compare those lists as multisets."""
+    """ComfyUI builds ``node_errors`` (its keys), a node's errors and ``dependent_outputs`` by iterating Python
+    sets (hash order, different in every process): compare them in sorted order."""
     body = copy.deepcopy(body)
     if isinstance(body, dict):
+        if body.get("node_errors"):
+            body["node_errors"] = dict(sorted(body["node_errors"].items()))
         for entry in (body.get("node_errors") or {}).values():
             entry["errors"] = sorted(entry["errors"], key=lambda e: json.dumps(e, sort_keys=True))
             entry["dependent_outputs"] = sorted(entry["dependent_outputs"])
