@@ -214,8 +214,7 @@ class JobService:
             raise ShuttingDown()
         if len(self.queue) >= self.settings.max_queue:
             raise QueueFull()
-        rec = JobRecord(id=f"{prefix}{uuid.uuid4()}", kind=kind, input=job_input, webhook=webhook,
-                        meta=dict(meta or {}))
+        rec = self._new_record(job_input, kind, webhook, meta, prefix)
         try:
             await self.journal.insert(rec)
         except JournalWriteError as exc:
@@ -226,6 +225,12 @@ class JobService:
         self.queue.append(rec.id)
         await self._notify()
         return job
+
+    @staticmethod
+    def _new_record(job_input: Any, kind: str, webhook: str | None, meta: dict[str, Any] | None,
+                    prefix: str) -> JobRecord:
+        return JobRecord(id=f"{prefix}{uuid.uuid4()}", kind=kind, input=job_input, webhook=webhook,
+                         meta=dict(meta or {}))
 
     async def record(self, job_id: str) -> tuple[JobRecord | None, Job | None]:
         """The job's current record (output included when finished), and its live entry if it has one."""
