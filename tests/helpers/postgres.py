@@ -42,7 +42,16 @@ class PgCluster:
 
     @property
     def url(self) -> str:
-        return f"postgresql://fleet:{PASSWORD}@127.0.0.1:{self.port}/fleet"
+        return self.url_of("fleet")
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql://fleet:{PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self, name: str) -> str:
+        """A fresh empty database owned by ``fleet`` (one per test: no test sees another's jobs); its URL."""
+        self._run("psql", "-h", str(self.dir), "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-c",
+                  f'CREATE DATABASE "{name}" OWNER fleet')
+        return self.url_of(name)
 
     def _run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin / argv[0]), *argv[1:]]
@@ -58,10 +67,11 @@ class PgCluster:
     def stop(self, mode: str = "immediate") -> None:
         self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", mode, "-w", "-t", "30", "stop", check=False)
 
-    def psql(self, sql: str) -> str:
-        out = self._run("psql", "-h", str(self.dir), "-p", str(self.port), "-U", "postgres", "-d", "fleet",
-                        "-At", "-c", sql)
-        return out.stdout
+    def psql(self, sql: str, database: str = "fleet") -> list[list[str]]:
+        """Rows of a query run as the superuser, each a list of its text fields."""
+        out = self._run("psql", "-h", str(self.dir), "-p", str(self.port), "-U", "postgres", "-d", database,
+                        "-At", "-F", "\t", "-c", sql)
+        return [line.split("\t") for line in out.stdout.splitlines() if line]
 
     def log_text(self) -> str:
         try:

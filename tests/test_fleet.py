@@ -1,0 +1,183 @@
+"""A fleet: two real workers, each with its own stand-in ComfyUI, on one real PostgreSQL (issue 18's "Done when").
+
+Each test gets a fresh database on one throwaway cluster (tests/helpers/postgres.py); LEASE_S is 3 s so the lease
+rules show within seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.api import ApiWorker, api_worker
+from tests.helpers.postgres import PgCluster, pg_cluster
+from tests.helpers.worker import tree_processes, wait_for
+
+LEASE_S = 3.0
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgCluster]:
+    with pg_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def db(pg: PgCluster) -> str:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    pg.new_database(name)
+    return name
+
+
+def quick(prefix: str) -> dict[str, Any]:
+    return {"input": {"workflow": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}}}
+
+
+def blurred(prefix: str) -> dict[str, Any]:
+    """A job through ImageBlur: slow on a worker whose stand-in has STANDIN_NODE_FAULT=ImageBlur:sleep:N."""
+    return {"input": {"workflow": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}}}}
+
+
+def fleet_worker(tmp_path: Path, pg: PgCluster, db: str, worker_id: str, **env: Any) -> Any:
+    (tmp_path / worker_id).mkdir(exist_ok=True)
+    return api_worker(tmp_path / worker_id, DATABASE_URL=pg.url_of(db), WORKER_ID=worker_id, LEASE_S=str(LEASE_S),
+                      **env)
+
+
+def jobs_table(pg: PgCluster, db: str) -> dict[str, tuple[str, str, int, str]]:
+    """Job id -> (status, worker id, lease generation, error) as the database has it."""
+    rows = pg.psql("SELECT id, status, coalesce(worker_id, ''), lease_gen, coalesce(error, '') FROM jobs", db)
+    return {r[0]: (r[1], r[2], int(r[3]), r[4]) for r in rows}
+
+
+def kill_tree(worker: ApiWorker) -> None:
+    """kill -9 of the worker and its ComfyUI, as a node that loses power."""
+    for proc in tree_processes(worker.env["TEST_TREE_ID"]):
+        with contextlib.suppress(Exception):
+            proc.kill()
+    assert worker.proc is not None
+    worker.proc.proc.wait(10)
+
+
+def on_a(a: ApiWorker, b: ApiWorker, pg: PgCluster, db: str, job: dict[str, Any]) -> str:
+    """Submit a job that A takes: B is stopped (SIGSTOP) until A runs it."""
+    assert b.proc is not None
+    b.proc.signal(signal.SIGSTOP)
+    try:
+        job_id = a.api.ok("POST", "/run", job)["id"]
+        wait_for(lambda: jobs_table(pg, db)[job_id][:2] in (("IN_PROGRESS", "A"), ("COMPLETED", "A")), 10,
+                 what="A to take the job")
+    finally:
+        b.proc.signal(signal.SIGCONT)
+    return job_id
+
+
+def test_two_workers_share_one_queue_and_answer_for_every_job(tmp_path: Path, pg: PgCluster, db: str) -> None:
+    with fleet_worker(tmp_path, pg, db, "A", STANDIN_NODE_FAULT="ImageBlur:sleep:4", MAX_QUEUE="300") as a, \
+            fleet_worker(tmp_path, pg, db, "B", MAX_QUEUE="300") as b:
+        nodes = (a, b)
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(lambda i: nodes[i % 2].api.ok("POST", "/run", quick(f"j{i}"))["id"], range(200)))
+        assert len(set(ids)) == 200
+        bodies = {}
+        for job_id in ids:
+            body = a.api.wait_status(job_id, FINAL, timeout=60)
+            assert body["status"] == "COMPLETED", body
+            assert b.api.ok("GET", f"/status/{job_id}") == body  # the same answer from either node
+            bodies[job_id] = body
+        took = time.monotonic() - started
+        table = jobs_table(pg, db)
+        assert all(table[j][0] == "COMPLETED" and table[j][2] == 1 for j in ids), "a job ran twice or not at all"
+        ran_on = {table[j][1] for j in ids}
+        assert ran_on == {"A", "B"}, ran_on
+
+        # /runsync to A while A's only ComfyUI is busy (a 4 s blur): B takes the job and A answers with its result
+        slow = on_a(a, b, pg, db, blurred("slow"))
+        status, body = a.api.post("/runsync", quick("sync"))
+        assert status == 200 and body["status"] == "COMPLETED", body
+        assert jobs_table(pg, db)[body["id"]][1] == "B"
+        assert b.api.ok("GET", f"/status/{body['id']}") == body
+
+        health = b.api.ok("GET", "/health")
+        assert health["fleet"]["workerId"] == "B" and health["fleet"]["database"] == "connected"
+        metrics = a.api.request("GET", "/metrics")[1]
+        assert b"comfyui_worker_queue_depth" in metrics
+    print(f"200 jobs through two workers in {took:.1f} s")
+
+
+def test_a_killed_worker_loses_nothing_and_rejoins(tmp_path: Path, pg: PgCluster, db: str) -> None:
+    with fleet_worker(tmp_path, pg, db, "A", STANDIN_NODE_FAULT="ImageBlur:sleep:30") as a:
+        running = a.api.ok("POST", "/run", blurred("long"))["id"]
+        wait_for(lambda: jobs_table(pg, db)[running][:2] == ("IN_PROGRESS", "A"), 10, what="A to run the job")
+        with fleet_worker(tmp_path, pg, db, "B", STANDIN_NODE_FAULT="ImageBlur:sleep:0.2") as b:
+            queued = [(a, b)[i % 2].api.ok("POST", "/run", blurred(f"q{i}"))["id"] for i in range(20)]
+            kill_tree(a)
+            killed_at = time.monotonic()
+            body = b.api.wait_status(running, FINAL, timeout=LEASE_S + 10)
+            noticed = time.monotonic() - killed_at
+            assert body["status"] == "FAILED" and body["error"] == "worker A stopped while the job ran", body
+            assert noticed <= LEASE_S + 5, noticed
+            for job_id in queued:
+                assert b.api.wait_status(job_id, FINAL, timeout=60)["status"] == "COMPLETED"
+            table = jobs_table(pg, db)
+            assert all(table[j][2] == 1 for j in [running, *queued]), "a job was taken twice"
+
+            # A restarted rejoins: with B stopped (SIGSTOP), the next job can only be A's
+            a.start(log_name="worker-again.log")
+            again = on_a(a, b, pg, db, quick("again"))
+            assert a.api.wait_status(again, FINAL, timeout=20)["status"] == "COMPLETED"
+    print(f"the killed worker's job FAILED {noticed:.1f} s after kill -9 (LEASE_S={LEASE_S:g})")
+
+
+def test_a_stopped_worker_does_not_overwrite_the_recorded_outcome(tmp_path: Path, pg: PgCluster, db: str) -> None:
+    with fleet_worker(tmp_path, pg, db, "A", STANDIN_NODE_FAULT="ImageBlur:sleep:2") as a, \
+            fleet_worker(tmp_path, pg, db, "B", STANDIN_NODE_FAULT="ImageBlur:sleep:60") as b:
+        assert a.proc is not None
+        job_id = on_a(a, b, pg, db, blurred("stopped"))
+        a.proc.signal(signal.SIGSTOP)  # the worker only: its ComfyUI finishes the prompt meanwhile
+        try:
+            body = b.api.wait_status(job_id, FINAL, timeout=LEASE_S + 10)
+            assert body == {**body, "status": "FAILED", "error": "worker A stopped while the job ran"}
+            time.sleep(2)  # past LEASE_S + 5 s in all
+        finally:
+            a.proc.signal(signal.SIGCONT)
+        wait_for(lambda: f"job {job_id}: late result" in a.log_text(), 15, what="A to drop its late result")
+        assert a.api.ok("GET", f"/status/{job_id}") == b.api.ok("GET", f"/status/{job_id}") == body
+        assert jobs_table(pg, db)[job_id][0] == "FAILED"
+
+
+def test_postgresql_restarted_mid_run_loses_no_accepted_job(tmp_path: Path, pg: PgCluster, db: str) -> None:
+    with fleet_worker(tmp_path, pg, db, "A", STANDIN_NODE_FAULT="ImageBlur:sleep:0.5") as a, \
+            fleet_worker(tmp_path, pg, db, "B", STANDIN_NODE_FAULT="ImageBlur:sleep:0.5") as b:
+        accepted = [(a, b)[i % 2].api.ok("POST", "/run", blurred(f"r{i}"))["id"] for i in range(16)]
+        time.sleep(1.0)
+        pg.stop("fast")
+        try:
+            for node in (a, b):
+                wait_for(lambda node=node: node.api.get("/ready")[0] == 503, 10, what="/ready 503 without PostgreSQL")
+            status, _ = a.api.post("/run", quick("refused"))
+            assert status == 503  # refused, not accepted and lost
+            time.sleep(2.0)
+        finally:
+            pg.start()
+        for node in (a, b):
+            wait_for(lambda node=node: node.api.get("/ready")[0] == 200, 20, what="/ready 200 after the restart")
+        for job_id in accepted:
+            assert a.api.wait_status(job_id, FINAL, timeout=60)["status"] == "COMPLETED", job_id
+        table = jobs_table(pg, db)
+        assert all(table[j][0] == "COMPLETED" and table[j][2] == 1 for j in accepted)
