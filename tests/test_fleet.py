@@ -44,10 +44,11 @@ def quick(prefix: str) -> dict[str, Any]:
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}}}
 
 
-def blurred(prefix: str) -> dict[str, Any]:
-    """A job through ImageBlur: slow on a worker whose stand-in has STANDIN_NODE_FAULT=ImageBlur:sleep:N."""
+def blurred(prefix: str, color: int = 0) -> dict[str, Any]:
+    """A job through ImageBlur: slow on a worker whose stand-in has STANDIN_NODE_FAULT=ImageBlur:sleep:N (once per
+    ``color``: ComfyUI caches the outputs of nodes whose inputs did not change)."""
     return {"input": {"workflow": {
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}},
         "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1.0}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}}}}
 
@@ -125,7 +126,7 @@ def test_a_killed_worker_loses_nothing_and_rejoins(tmp_path: Path, pg: PgCluster
         running = a.api.ok("POST", "/run", blurred("long"))["id"]
         wait_for(lambda: jobs_table(pg, db)[running][:2] == ("IN_PROGRESS", "A"), 10, what="A to run the job")
         with fleet_worker(tmp_path, pg, db, "B", STANDIN_NODE_FAULT="ImageBlur:sleep:0.2") as b:
-            queued = [(a, b)[i % 2].api.ok("POST", "/run", blurred(f"q{i}"))["id"] for i in range(20)]
+            queued = [(a, b)[i % 2].api.ok("POST", "/run", blurred(f"q{i}", color=i))["id"] for i in range(20)]
             kill_tree(a)
             killed_at = time.monotonic()
             body = b.api.wait_status(running, FINAL, timeout=LEASE_S + 10)
@@ -164,7 +165,7 @@ def test_a_stopped_worker_does_not_overwrite_the_recorded_outcome(tmp_path: Path
 def test_postgresql_restarted_mid_run_loses_no_accepted_job(tmp_path: Path, pg: PgCluster, db: str) -> None:
     with fleet_worker(tmp_path, pg, db, "A", STANDIN_NODE_FAULT="ImageBlur:sleep:0.5") as a, \
             fleet_worker(tmp_path, pg, db, "B", STANDIN_NODE_FAULT="ImageBlur:sleep:0.5") as b:
-        accepted = [(a, b)[i % 2].api.ok("POST", "/run", blurred(f"r{i}"))["id"] for i in range(16)]
+        accepted = [(a, b)[i % 2].api.ok("POST", "/run", blurred(f"r{i}", color=i))["id"] for i in range(16)]
         time.sleep(1.0)
         pg.stop("fast")
         try:

@@ -113,7 +113,7 @@ class PgJournal:
 
     @classmethod
     async def open(cls, url: str, worker_id: str, lease_s: float, *, max_size: int = 4) -> "PgJournal":
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=max_size, init=_init_connection,
+        pool = await asyncpg.create_pool(url, min_size=0, max_size=max_size, init=_init_connection,
                                          command_timeout=30)
         journal = cls(pool, worker_id, lease_s)
         await journal.migrate()
