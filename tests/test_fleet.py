@@ -6,6 +6,7 @@ rules show within seconds.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from supervisor.api.pg_journal import SCHEMA_VERSION, PgJournal
 from tests.helpers.api import ApiWorker, api_worker
 from tests.helpers.postgres import PgCluster, pg_cluster
 from tests.helpers.worker import tree_processes, wait_for
@@ -85,6 +87,17 @@ def on_a(a: ApiWorker, b: ApiWorker, pg: PgCluster, db: str, job: dict[str, Any]
     finally:
         b.proc.signal(signal.SIGCONT)
     return job_id
+
+
+async def test_workers_starting_at_once_create_the_schema_once(pg: PgCluster, db: str) -> None:
+    journals = await asyncio.gather(*(PgJournal.open(pg.url_of(db), f"w{i}", LEASE_S) for i in range(6)))
+    try:
+        assert pg.psql("SELECT version FROM fleet_schema", db) == [[str(SCHEMA_VERSION)]]
+        again = await PgJournal.open(pg.url_of(db), "late", LEASE_S)  # an up-to-date schema is left alone
+        await again.close()
+        assert pg.psql("SELECT count(*) FROM fleet_schema", db) == [["1"]]
+    finally:
+        await asyncio.gather(*(j.close() for j in journals))
 
 
 def test_two_workers_share_one_queue_and_answer_for_every_job(tmp_path: Path, pg: PgCluster, db: str) -> None:
@@ -182,3 +195,37 @@ def test_postgresql_restarted_mid_run_loses_no_accepted_job(tmp_path: Path, pg: 
             assert a.api.wait_status(job_id, FINAL, timeout=60)["status"] == "COMPLETED", job_id
         table = jobs_table(pg, db)
         assert all(table[j][0] == "COMPLETED" and table[j][2] == 1 for j in accepted)
+
+
+def test_cancel_purge_and_stream_reach_jobs_on_the_other_node(tmp_path: Path, pg: PgCluster, db: str) -> None:
+    with fleet_worker(tmp_path, pg, db, "A", STANDIN_NODE_FAULT="ImageBlur:sleep:5") as a, \
+            fleet_worker(tmp_path, pg, db, "B", STANDIN_NODE_FAULT="ImageBlur:sleep:5") as b:
+        long_jobs = [a.api.ok("POST", "/run", blurred(f"long{i}", color=i))["id"] for i in range(2)]
+        wait_for(lambda: {jobs_table(pg, db)[j][:2] for j in long_jobs} == {("IN_PROGRESS", "A"), ("IN_PROGRESS", "B")},
+                 10, what="one long job on each worker")
+        queued = [b.api.ok("POST", "/run", quick(f"wait{i}"))["id"] for i in range(3)]
+        assert a.api.ok("POST", "/purge-queue") == {"removed": 3, "status": "completed"}
+        for job_id in queued:
+            assert b.api.ok("GET", f"/status/{job_id}")["status"] == "CANCELLED"
+
+        on = {jobs_table(pg, db)[j][1]: j for j in long_jobs}
+        assert b.api.ok("GET", f"/stream/{on['A']}") == {"id": on["A"], "status": "IN_PROGRESS", "stream": []}
+        assert b.api.ok("POST", f"/cancel/{on['A']}") == {"id": on["A"], "status": "CANCELLED"}
+        assert a.api.ok("POST", f"/cancel/{on['B']}") == {"id": on["B"], "status": "CANCELLED"}
+        for job_id in long_jobs:
+            for node in (a, b):
+                assert node.api.ok("GET", f"/status/{job_id}")["status"] == "CANCELLED"
+        wait_for(lambda: all(jobs_table(pg, db)[j][0] == "CANCELLED" for j in long_jobs), 20,
+                 what="both workers to let their cancelled job go")
+        assert "cancelling (asked through another worker)" in a.log_text()
+        assert "cancelling (asked through another worker)" in b.log_text()
+
+        done = a.api.ok("POST", "/runsync", quick("streamed"))
+        first = b.api.ok("GET", f"/stream/{done['id']}")
+        assert first == {"id": done["id"], "status": "COMPLETED", "stream": [{"output": done["output"]}]}
+        assert b.api.ok("GET", f"/stream/{done['id']}")["stream"] == []  # the final output is streamed once
+        for node in (a, b):
+            assert "fleet-test-secret" not in node.log_text()  # DATABASE_URL's password is never logged
+            assert node.proc is not None
+            comfyui = [p for p in tree_processes(node.env["TEST_TREE_ID"]) if p.pid != node.proc.proc.pid]
+            assert comfyui and all("DATABASE_URL" not in p.environ() for p in comfyui)  # nor given to ComfyUI
