@@ -229,3 +229,37 @@ def test_cancel_purge_and_stream_reach_jobs_on_the_other_node(tmp_path: Path, pg
             assert node.proc is not None
             comfyui = [p for p in tree_processes(node.env["TEST_TREE_ID"]) if p.pid != node.proc.proc.pid]
             assert comfyui and all("DATABASE_URL" not in p.environ() for p in comfyui)  # nor given to ComfyUI
+
+
+def test_deploy_uploads_are_served_by_every_node(tmp_path: Path, pg: PgCluster, db: str) -> None:
+    from tests.helpers.jobs import make_bucket, moto_s3_server, png_bytes
+
+    small, big = png_bytes((10, 200, 10), (8, 8)), png_bytes((200, 10, 10), (256, 256))
+    assert len(small) < 500 < len(big)
+
+    def upload(node: ApiWorker, name: str, data: bytes) -> tuple[int, Any, str]:
+        url = node.api.ok("POST", "/api/upload-url", {"filename": name, "content_type": "image/png"})
+        status, body = node.api.request("PUT", url["upload_url"], raw=data, key=None)
+        return status, body, url["file_url"]
+
+    def served(node: ApiWorker, file_url: str) -> bytes:
+        return node.api.request("GET", node.api.base + file_url[file_url.index("/api/uploads/"):])[1]
+
+    with fleet_worker(tmp_path, pg, db, "A", FLEET_INLINE_MAX_BYTES="500") as a:
+        status, body, _ = upload(a, "big.png", big)
+        assert status == 413 and "FLEET_INLINE_MAX_BYTES" in body["error"], body
+    with moto_s3_server() as endpoint:
+        make_bucket(endpoint, "uploads")
+        bucket = {"BUCKET_ENDPOINT_URL": f"{endpoint}/uploads", "BUCKET_ACCESS_KEY_ID": "test-key-id",
+                  "BUCKET_SECRET_ACCESS_KEY": "test-secret-key", "FLEET_INLINE_MAX_BYTES": "500"}
+        with fleet_worker(tmp_path, pg, db, "A", **bucket) as a, fleet_worker(tmp_path, pg, db, "B", **bucket) as b:
+            status, _, small_url = upload(a, "small.png", small)
+            assert status == 200
+            status, _, big_url = upload(b, "big.png", big)
+            assert status == 200
+            for node in (a, b):
+                assert served(node, small_url) == small
+                assert served(node, big_url) == big
+    # the small one in PostgreSQL, the big one in the bucket only
+    assert pg.psql("SELECT filename, path = 'bucket', data IS NULL FROM uploads WHERE size > 0 ORDER BY size", db) == [
+        ["small.png", "f", "f"], ["big.png", "t", "t"]]

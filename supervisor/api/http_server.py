@@ -55,6 +55,7 @@ from supervisor.api.workflows import WorkflowLibrary
 from supervisor.comfy.status import State
 from supervisor.config import Settings
 from supervisor.jobs.dispatch import InstanceDispatcher
+from supervisor.jobs.storage import BucketStorage
 from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.api")
@@ -84,8 +85,11 @@ async def open_journal(settings: Settings) -> Journal | PgJournal | None:
     deadline = time.monotonic() + DB_CONNECT_S
     while True:
         try:
-            return await PgJournal.open(settings.database_url, settings.worker_id, settings.lease_s,
-                                        max_size=settings.max_concurrency + 4)
+            journal = await PgJournal.open(settings.database_url, settings.worker_id, settings.lease_s,
+                                           max_size=settings.max_concurrency + 4)
+            journal.inline_max = settings.fleet_inline_max_bytes
+            journal.storage = BucketStorage(settings) if settings.s3_enabled else None
+            return journal
         except DB_ERRORS as exc:  # the message of a failed connection never holds the password
             if time.monotonic() > deadline:
                 log.error("exiting: PostgreSQL (DATABASE_URL) cannot be reached after %g s: %s: %s", DB_CONNECT_S,

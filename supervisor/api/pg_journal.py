@@ -34,13 +34,16 @@ from supervisor.api.journal import (
     JobRecord,
     JournalWriteError,
     UploadRecord,
+    UploadTooLarge,
 )
+from supervisor.jobs.storage import BucketStorage
 
 log = logging.getLogger("supervisor.api")
 
 SCHEMA_VERSION = 1
 SCHEMA_LOCK = 0x636F6D6679  # pg_advisory_lock key: one worker migrates at a time
 LABEL = Path("PostgreSQL (DATABASE_URL)")  # how errors name the journal; the URL itself is a secret
+BUCKET_PATH = "bucket"  # uploads.path of an upload kept in the bucket (uploads/<token>/<filename>)
 STOPPED_MESSAGE = "worker {worker} stopped while the job ran"
 CHANNELS = ("fleet_queue", "fleet_done", "fleet_cancel")
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
@@ -91,6 +94,10 @@ async def _init_connection(con: asyncpg.Connection) -> None:
                              decoder=json.loads, schema="pg_catalog")
 
 
+def _upload_key(rec: UploadRecord) -> str:
+    return f"uploads/{rec.token}/{rec.filename}"
+
+
 def _row_to_job(row: asyncpg.Record) -> JobRecord:
     status = row["status"]
     if status == IN_PROGRESS and row["cancel_requested"]:
@@ -109,6 +116,8 @@ class PgJournal:
         self.pool = pool
         self.worker_id = worker_id
         self.lease_s = lease_s
+        self.inline_max = 8 * 1024 * 1024  # uploads up to this size are kept in the database (FLEET_INLINE_MAX_BYTES)
+        self.storage: BucketStorage | None = None  # ... and bigger ones in the bucket, when there is one
         self.leases: dict[str, int] = {}  # job id -> the lease generation this worker holds
 
     @classmethod
@@ -334,12 +343,24 @@ class PgJournal:
     async def uploaded(self, token: str, size: int) -> None:
         await self._write(lambda con: con.execute("UPDATE uploads SET size = $1 WHERE token = $2", size, token))
 
-    async def store_upload_data(self, token: str, data: bytes) -> None:
-        await self._write(lambda con: con.execute("UPDATE uploads SET data = $1 WHERE token = $2", data, token))
+    async def write_upload(self, rec: UploadRecord, data: bytes) -> None:
+        """Keep an upload where every node reads it: in the database up to ``inline_max``, else in the bucket."""
+        in_bucket = len(data) > self.inline_max
+        if in_bucket:
+            if self.storage is None:
+                raise UploadTooLarge(
+                    f"the file is {len(data)} bytes; a fleet keeps uploads up to {self.inline_max} bytes in PostgreSQL "
+                    "(FLEET_INLINE_MAX_BYTES) and bigger ones in a bucket, and none is set (BUCKET_ENDPOINT_URL, ...)")
+            await self.storage.put_object(_upload_key(rec), data, rec.content_type)
+        await self._write(lambda con: con.execute(
+            "UPDATE uploads SET data = $1, size = $2, path = $3 WHERE token = $4",
+            None if in_bucket else data, len(data), BUCKET_PATH if in_bucket else rec.path, rec.token))
 
-    async def upload_data(self, token: str) -> bytes | None:
+    async def read_upload(self, rec: UploadRecord) -> bytes:
+        if rec.path == BUCKET_PATH and self.storage is not None:
+            return await self.storage.get_object(_upload_key(rec))
         async with self.pool.acquire() as con:
-            return await con.fetchval("SELECT data FROM uploads WHERE token = $1", token)
+            return await con.fetchval("SELECT data FROM uploads WHERE token = $1", rec.token) or b""
 
     async def get_upload(self, token: str) -> UploadRecord | None:
         async with self.pool.acquire() as con:
