@@ -128,9 +128,12 @@ def test_two_workers_share_one_queue_and_answer_for_every_job(tmp_path: Path, pg
         assert b.api.ok("GET", f"/status/{body['id']}") == body
 
         health = b.api.ok("GET", "/health")
-        assert health["fleet"]["workerId"] == "B" and health["fleet"]["database"] == "connected"
-        metrics = a.api.request("GET", "/metrics")[1]
-        assert b"comfyui_worker_queue_depth" in metrics
+        assert health["fleet"] == {"workerId": "B", "sharedQueue": 0, "database": "connected", "leaseS": LEASE_S}
+        b.api.post("/run", quick("waits"))  # B's ComfyUI is free: it is taken at once
+        assert a.api.ok("GET", "/health")["fleet"]["sharedQueue"] in (0, 1)
+        metrics = a.api.request("GET", "/metrics")[1].decode()
+        assert 'comfyui_worker_fleet_worker{worker_id="A"} 1.0' in metrics
+        assert "comfyui_worker_fleet_queue_depth " in metrics  # the heartbeat's count: up to HEARTBEAT_S old
     print(f"200 jobs through two workers in {took:.1f} s")
 
 

@@ -25,7 +25,7 @@ import asyncpg
 from supervisor.api.formats import CANCELLED, Outcome
 from supervisor.api.job_service import DiskFull, Job, JobService, QueueFull, ShuttingDown
 from supervisor.api.journal import IN_PROGRESS, RESTARTED_MESSAGE, JobRecord, JournalWriteError
-from supervisor.api.pg_journal import CHANNELS, DB_ERRORS, PgJournal
+from supervisor.api.pg_journal import CHANNELS, DB_ERRORS, QUEUED_SQL, PgJournal
 
 log = logging.getLogger("supervisor.api")
 
@@ -49,6 +49,7 @@ class FleetJobService(JobService):
         self._loops: list[asyncio.Task[None]] = []
         self._stream_final: set[str] = set()  # jobs of other nodes whose final output /stream gave already
         self.metrics.track_jobs(lambda: self.shared_queue, self.running)
+        self.metrics.fleet_worker(self.worker_id, lambda: self.shared_queue)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -114,14 +115,19 @@ class FleetJobService(JobService):
         self.db_ok = ok
 
     async def _heartbeat_loop(self) -> None:
+        """Every HEARTBEAT_S, on the LISTEN connection (never starved by a busy pool): is PostgreSQL there, and
+        how deep is the shared queue."""
         while True:
             try:
-                self.shared_queue = await self.journal.queued()
                 if self._listener is None or self._listener.is_closed():
                     await self._connect_listener()
-                self._set_db(self._listener is not None and not self._listener.is_closed())
+                if self._listener is not None:
+                    self.shared_queue = await self._listener.fetchval(QUEUED_SQL, timeout=HEARTBEAT_S * 5)
+                    self._set_db(True)
             except DB_ERRORS as exc:
                 self._set_db(False, exc)
+            except Exception:  # noqa: BLE001 - readiness hangs on this loop: it must go on
+                log.exception("fleet heartbeat failed")
             await asyncio.sleep(HEARTBEAT_S)
 
     # --- leases --------------------------------------------------------------------------------------
@@ -300,6 +306,7 @@ class FleetJobService(JobService):
 
     async def health(self) -> tuple[int, dict[str, Any]]:
         try:
+            self.shared_queue = await self.journal.queued()
             code, body = await super().health()
         except DB_ERRORS as exc:
             self._set_db(False, exc)

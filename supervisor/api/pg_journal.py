@@ -45,6 +45,7 @@ SCHEMA_LOCK = 0x636F6D6679  # pg_advisory_lock key: one worker migrates at a tim
 LABEL = Path("PostgreSQL (DATABASE_URL)")  # how errors name the journal; the URL itself is a secret
 BUCKET_PATH = "bucket"  # uploads.path of an upload kept in the bucket (uploads/<token>/<filename>)
 STOPPED_MESSAGE = "worker {worker} stopped while the job ran"
+QUEUED_SQL = "SELECT count(*) FROM jobs WHERE status = 'IN_QUEUE'"
 CHANNELS = ("fleet_queue", "fleet_done", "fleet_cancel")
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -302,7 +303,7 @@ class PgJournal:
 
     async def queued(self) -> int:
         async with self.pool.acquire() as con:
-            return await con.fetchval("SELECT count(*) FROM jobs WHERE status = 'IN_QUEUE'")
+            return await con.fetchval(QUEUED_SQL)
 
     async def purge(self, finished_before: float, now: float | None = None) -> tuple[list[str], list[str]]:
         """Delete jobs finished before ``finished_before`` and expired uploads: (job ids, no file paths)."""
