@@ -1075,6 +1075,7 @@ class Soak:
             "leftover_job_folders": len(self.leftover_folders),
             "leftover_processes": len(self.leftover_processes),
             "worker_exit_code": self.worker_exit,
+            "jobs_started_per_worker": [worker.log_text().count(" started (waited ") for _, worker, _ in self.members],
             "execution_s_by_kind": exec_by_kind,
             "duration_s": round(self.elapsed(), 1),
         }
@@ -1166,6 +1167,7 @@ ROWS = [
     ("leftover_job_folders", "job folders left in DATA_DIR after the run", None),
     ("leftover_processes", "ComfyUI processes left after the worker exited", None),
     ("worker_exit_code", "worker exit code after SIGTERM", None),
+    ("jobs_started_per_worker", "jobs started by each worker (a fleet: --fleet N)", None),
     ("duration_s", "duration (s)", None),
 ]
 
