@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from supervisor.api.formats import CANCELLED, Outcome
-from supervisor.api.job_service import DiskFull, Job, JobService, QueueFull, ShuttingDown
+from supervisor.api.job_service import Job, JobService
 from supervisor.api.journal import IN_PROGRESS, RESTARTED_MESSAGE, JobRecord, JournalWriteError
 from supervisor.api.pg_journal import CHANNELS, DB_ERRORS, QUEUED_SQL, PgJournal
 
@@ -214,20 +214,17 @@ class FleetJobService(JobService):
 
     async def submit(self, job_input: Any, *, kind: str = "run", webhook: str | None = None,
                      meta: dict[str, Any] | None = None, prefix: str = "") -> Job:
-        if not self.accepting:
-            raise ShuttingDown()
-        if self.shared_queue >= self.settings.max_queue:
-            self.shared_queue = await self.journal.queued()
-            if self.shared_queue >= self.settings.max_queue:
-                raise QueueFull()
-        rec = self._new_record(job_input, kind, webhook, meta, prefix)
-        try:
-            await self.journal.insert(rec)
-        except JournalWriteError as exc:
-            log.error("job refused: %s", exc)
-            raise DiskFull(f"the worker cannot take jobs now: {exc}; retry later") from None
+        """Only into the shared queue: whichever worker has a free instance takes it."""
+        await self._admit()
+        rec = await self._accept(job_input, kind, webhook, meta, prefix)
         self.shared_queue += 1
         return Job(rec)
+
+    async def _queue_depth(self) -> int:
+        """The heartbeat's count, counted afresh when it says the queue is full (it may be a second old)."""
+        if self.shared_queue >= self.settings.max_queue:
+            self.shared_queue = await self.journal.queued()
+        return self.shared_queue
 
     async def record(self, job_id: str) -> tuple[JobRecord | None, Job | None]:
         job = self.jobs.get(job_id)
