@@ -189,6 +189,8 @@ def test_postgresql_restarted_mid_run_loses_no_accepted_job(tmp_path: Path, pg: 
                 wait_for(lambda node=node: node.api.get("/ready")[0] == 503, 10, what="/ready 503 without PostgreSQL")
             status, _ = a.api.post("/run", quick("refused"))
             assert status == 503  # refused, not accepted and lost
+            status, body = b.api.get(f"/status/{accepted[0]}")  # ended before: only the database knows it
+            assert status == 503 and "cannot be read now" in body["error"] and "fleet-test-secret" not in body["error"]
             time.sleep(2.0)
         finally:
             pg.start()

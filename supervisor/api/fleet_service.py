@@ -24,7 +24,7 @@ import asyncpg
 
 from supervisor.api.formats import CANCELLED, Outcome
 from supervisor.api.job_service import Job, JobService
-from supervisor.api.journal import IN_PROGRESS, RESTARTED_MESSAGE, JobRecord, JournalWriteError
+from supervisor.api.journal import IN_PROGRESS, RESTARTED_MESSAGE, JobRecord, JournalUnavailable, JournalWriteError
 from supervisor.api.pg_journal import CHANNELS, DB_ERRORS, QUEUED_SQL, PgJournal
 
 log = logging.getLogger("supervisor.api")
@@ -245,7 +245,7 @@ class FleetJobService(JobService):
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(left, FALLBACK_POLL_S))
-        except DB_ERRORS:
+        except JournalUnavailable:
             return  # the database is gone: answer with what /status can say
         finally:
             self._ended.pop(job_id, None)
@@ -305,7 +305,7 @@ class FleetJobService(JobService):
         try:
             self.shared_queue = await self.journal.queued()
             code, body = await super().health()
-        except DB_ERRORS as exc:
+        except JournalUnavailable as exc:
             self._set_db(False, exc)
             return 200, {"fleet": self._fleet_body()}
         body["jobs"]["inQueue"] = self.shared_queue

@@ -124,6 +124,10 @@ class UploadTooLarge(Exception):
     """An upload the journal cannot keep (a fleet: over FLEET_INLINE_MAX_BYTES with no bucket); the text says why."""
 
 
+class JournalUnavailable(Exception):
+    """The journal cannot be read now (a fleet's PostgreSQL is unreachable): the routes answer 503 with this text."""
+
+
 class JournalWriteError(Exception):
     """A write the journal could not make, mostly because DATA_DIR's disk is full; the caller decides what it means.
 

@@ -32,6 +32,7 @@ from supervisor.api.journal import (
     RESTARTED_MESSAGE,
     UPLOAD_WRITING,
     JobRecord,
+    JournalUnavailable,
     JournalWriteError,
     UploadRecord,
     UploadTooLarge,
@@ -155,6 +156,15 @@ class PgJournal:
         except DB_ERRORS as exc:
             raise JournalWriteError(LABEL, exc) from exc
 
+    async def _read(self, fn: Callable[[asyncpg.Connection], Any]) -> Any:
+        """A read: the database's and the network's failures become one JournalUnavailable (503 for clients)."""
+        try:
+            async with self.pool.acquire() as con:
+                return await fn(con)
+        except DB_ERRORS as exc:
+            raise JournalUnavailable(f"the job journal {LABEL} cannot be read now ({type(exc).__name__}: {exc}); "
+                                     "retry later") from exc
+
     # --- jobs ------------------------------------------------------------------------------------------
 
     async def insert(self, rec: JobRecord) -> None:
@@ -230,8 +240,7 @@ class PgJournal:
                         "outcome another worker recorded stands", rec.id, rec.status, self.worker_id)
 
     async def get(self, job_id: str) -> JobRecord | None:
-        async with self.pool.acquire() as con:
-            row = await con.fetchrow(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
+        row = await self._read(lambda con: con.fetchrow(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1", job_id))
         return None if row is None else _row_to_job(row)
 
     async def recover(self, now: float | None = None) -> tuple[list[JobRecord], list[JobRecord]]:
@@ -297,13 +306,11 @@ class PgJournal:
         return [_row_to_job(r) for r in await self._write(_purge)]
 
     async def counts(self) -> dict[str, int]:
-        async with self.pool.acquire() as con:
-            rows = await con.fetch("SELECT status, count(*) FROM jobs GROUP BY status")
+        rows = await self._read(lambda con: con.fetch("SELECT status, count(*) FROM jobs GROUP BY status"))
         return {r[0]: r[1] for r in rows}
 
     async def queued(self) -> int:
-        async with self.pool.acquire() as con:
-            return await con.fetchval(QUEUED_SQL)
+        return await self._read(lambda con: con.fetchval(QUEUED_SQL))
 
     async def purge(self, finished_before: float, now: float | None = None) -> tuple[list[str], list[str]]:
         """Delete jobs finished before ``finished_before`` and expired uploads: (job ids, no file paths)."""
@@ -360,13 +367,12 @@ class PgJournal:
     async def read_upload(self, rec: UploadRecord) -> bytes:
         if rec.path == BUCKET_PATH and self.storage is not None:
             return await self.storage.get_object(_upload_key(rec))
-        async with self.pool.acquire() as con:
-            return await con.fetchval("SELECT data FROM uploads WHERE token = $1", rec.token) or b""
+        return await self._read(lambda con: con.fetchval("SELECT data FROM uploads WHERE token = $1", rec.token)) or b""
 
     async def get_upload(self, token: str) -> UploadRecord | None:
-        async with self.pool.acquire() as con:
-            row = await con.fetchrow("SELECT token, filename, content_type, created_at, expires_at, path, size"
-                                     " FROM uploads WHERE token = $1", token)
+        row = await self._read(lambda con: con.fetchrow(
+            "SELECT token, filename, content_type, created_at, expires_at, path, size FROM uploads WHERE token = $1",
+            token))
         if row is None:
             return None
         return UploadRecord(token=row["token"], filename=row["filename"], content_type=row["content_type"],
