@@ -203,12 +203,16 @@ def test_postgresql_restarted_mid_run_loses_no_accepted_job(tmp_path: Path, pg: 
 
 
 def test_cancel_purge_and_stream_reach_jobs_on_the_other_node(tmp_path: Path, pg: PgCluster, db: str) -> None:
-    with fleet_worker(tmp_path, pg, db, "A", STANDIN_NODE_FAULT="ImageBlur:sleep:5") as a, \
-            fleet_worker(tmp_path, pg, db, "B", STANDIN_NODE_FAULT="ImageBlur:sleep:5") as b:
+    with fleet_worker(tmp_path, pg, db, "A", STANDIN_NODE_FAULT="ImageBlur:sleep:5", MAX_QUEUE="3") as a, \
+            fleet_worker(tmp_path, pg, db, "B", STANDIN_NODE_FAULT="ImageBlur:sleep:5", MAX_QUEUE="3") as b:
         long_jobs = [a.api.ok("POST", "/run", blurred(f"long{i}", color=i))["id"] for i in range(2)]
         wait_for(lambda: {jobs_table(pg, db)[j][:2] for j in long_jobs} == {("IN_PROGRESS", "A"), ("IN_PROGRESS", "B")},
                  10, what="one long job on each worker")
         queued = [b.api.ok("POST", "/run", quick(f"wait{i}"))["id"] for i in range(3)]
+        status, body = a.api.post("/run", quick("one-too-many"))  # MAX_QUEUE counts the fleet's shared queue
+        assert status == 429, body
+        wait_for(lambda: a.api.get("/ready")[0] == 503, 5, what="/ready 503 with the shared queue full")
+        assert "shared queue is full" in a.api.get("/ready")[1]["reason"]
         assert a.api.ok("POST", "/purge-queue") == {"removed": 3, "status": "completed"}
         for job_id in queued:
             assert b.api.ok("GET", f"/status/{job_id}")["status"] == "CANCELLED"

@@ -221,9 +221,8 @@ class FleetJobService(JobService):
         return Job(rec)
 
     async def _queue_depth(self) -> int:
-        """The heartbeat's count, counted afresh when it says the queue is full (it may be a second old)."""
-        if self.shared_queue >= self.settings.max_queue:
-            self.shared_queue = await self.journal.queued()
+        """Counted afresh for each new job (an indexed count): MAX_QUEUE holds for the fleet as a whole."""
+        self.shared_queue = await self.journal.queued()
         return self.shared_queue
 
     async def record(self, job_id: str) -> tuple[JobRecord | None, Job | None]:
