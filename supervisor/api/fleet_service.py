@@ -24,7 +24,7 @@ import asyncpg
 
 from supervisor.api.formats import CANCELLED, Outcome
 from supervisor.api.job_service import Job, JobService
-from supervisor.api.journal import IN_PROGRESS, RESTARTED_MESSAGE, JobRecord, JournalUnavailable, JournalWriteError
+from supervisor.api.journal import RESTARTED_MESSAGE, JobRecord, JournalUnavailable, JournalWriteError
 from supervisor.api.pg_journal import CHANNELS, DB_ERRORS, QUEUED_SQL, PgJournal
 
 log = logging.getLogger("supervisor.api")
@@ -133,7 +133,8 @@ class FleetJobService(JobService):
     # --- leases --------------------------------------------------------------------------------------
 
     def _held(self) -> list[Job]:
-        return [j for j in self.jobs.values() if j.record.status == IN_PROGRESS and j.id in self.journal.leases]
+        """Jobs leased here: running, or ended while their end could not be written yet (still ours to write)."""
+        return [j for j in self.jobs.values() if j.id in self.journal.leases]
 
     async def _lease_loop(self) -> None:
         """Renew the leases of the jobs running here; a job whose lease was taken is let go."""
