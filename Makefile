@@ -42,9 +42,9 @@ bench: venv ## Benchmarks on the stand-in and the real ComfyUI: a table, bench.j
 	@echo ">> benchmarks against the stand-in and (when prepared: make real-comfyui) the real ComfyUI$(if $(QUICK), (quick))"
 	$(PY) scripts/bench.py $(if $(QUICK),--quick)
 
-chaos: venv ## Chaos soak through the self-hosted API: 500 jobs while ComfyUI is killed and stopped (QUICK=1: ~60 jobs)
+chaos: venv ## Chaos soak through the self-hosted API: 500 jobs while ComfyUI is killed and stopped (QUICK=1: ~60 jobs; FLEET=2: two workers on PostgreSQL)
 	@echo ">> chaos soak on loopback$(if $(QUICK), (quick))"
-	$(PY) scripts/chaos.py $(if $(QUICK),--quick)
+	$(PY) scripts/chaos.py $(if $(QUICK),--quick) $(if $(FLEET),--fleet $(FLEET))
 
 .PHONY: help venv test dev bench chaos
 

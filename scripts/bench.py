@@ -406,6 +406,23 @@ def api_overhead_and_rss(bench: BenchEnv, work: Path) -> tuple[list[float], list
     return samples, rss, first
 
 
+def fleet_overhead(bench: BenchEnv, work: Path) -> list[float]:
+    """The same /runsync jobs through a worker of a fleet (DATABASE_URL: a throwaway PostgreSQL on loopback), so
+    the table shows what the shared queue costs beside the single-node figure (docs/fleet.md)."""
+    from tests.helpers.postgres import pg_bin, pg_cluster
+
+    if pg_bin() is None:
+        raise RuntimeError("PostgreSQL is not installed (Debian package `postgresql`): no fleet figure")
+    with pg_cluster() as pg:
+        env = worker_environ(bench, work / "fleet", WORKER_MODE="http", API_PORT=free_port(), DATABASE_URL=pg.url,
+                             WORKER_ID="bench")
+        worker = Worker(env, work / "fleet.log")
+        try:
+            samples, _ = asyncio.run(api_overheads(worker, bench.repeats(20, 5), 1024))
+        finally:
+            worker.stop()
+    return samples
+
 
 async def overheads_with_and_without_metrics(on: Worker, off: Worker, repeats: int) -> dict[str, list[float]]:
     """The same job alternately on a worker recording metrics (scraped every second) and on one that does not."""
@@ -709,6 +726,7 @@ def measure(bench: BenchEnv) -> dict[str, Any]:
         clients = overheads(bench, work)
         api, rss, first = api_overhead_and_rss(bench, work)
         with_metrics = metrics_overhead(bench, work) if bench.is_standin else None
+        fleet = fleet_overhead(bench, work) if bench.is_standin else None
         recording = metrics_record_us(bench) if bench.is_standin else None
         runpod = runpod_overheads(bench, work)
         sdk_floor = runpod_sdk_floor(bench, work)
@@ -725,6 +743,9 @@ def measure(bench: BenchEnv) -> dict[str, Any]:
         "throughput_jobs_s": nest({k: summary(v) for k, v in rates.items()}),
         "worker_rss_mb": summary(rss),
     }
+    if fleet is not None:
+        result["overhead_ms"]["fleet"] = summary(fleet)
+        result["fleet_overhead_ratio"] = round(statistics.median(fleet) / max(ours, 0.001), 2)
     if with_metrics is not None and recording is not None:
         result["metrics_overhead_ms"] = {k: summary(v) for k, v in with_metrics.items()}
         result["metrics_overhead_ratio"] = round(statistics.median(with_metrics["on"])
@@ -752,7 +773,7 @@ COMFY_KEYS = (
 # speed does not enter either; on the real one they would add minutes of boots).
 STANDIN_KEYS = (
     "metrics_overhead_ms.on", "metrics_overhead_ms.off", "metrics_overhead_ratio", "metrics_record_us",
-    "throughput_jobs_s.instances_2", "instances_2_throughput_ratio",
+    "throughput_jobs_s.instances_2", "instances_2_throughput_ratio", "overhead_ms.fleet", "fleet_overhead_ratio",
 )
 FETCH_KEYS = ("fetch_hash_overhead_pct.loopback_unthrottled", "fetch_hash_overhead_pct.link_200MiBs")
 

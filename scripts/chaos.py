@@ -388,6 +388,7 @@ class Injection:
     detected_s: float | None = None
     recovered_s: float | None = None
     leftover: bool = False  # the injected pid was still alive after the restart
+    base: str = ""  # the API of the worker whose ComfyUI it hit
 
 
 class Soak:
@@ -408,6 +409,10 @@ class Soak:
         self.port = free_port()
         self.worker: WorkerProcess | None = None
         self.env: dict[str, str] = {}
+        # --fleet N: N workers on one PostgreSQL; the first is also self.port/.worker/.env (docs/fleet.md)
+        self.members: list[tuple[int, WorkerProcess, dict[str, str]]] = []
+        self._turn = 0
+        self.pg: Any = None
         self.restarts_start: int | None = None
         self.restarts_end: int | None = None
         self.worker_exit: int | None = None
@@ -421,14 +426,30 @@ class Soak:
     # --- worker ------------------------------------------------------------------------------------------
 
     def start_worker(self) -> None:
-        write_model_file(self.workdir / "models" / "checkpoints" / CKPT)
-        self.env = worker_env(self.workdir, WORKER_MODE="http", API_HOST="127.0.0.1", API_PORT=str(self.port),
-                              API_KEY=self.api_key, **WORKER_SETTINGS)
-        self.worker = WorkerProcess(self.env, self.workdir / "worker.log")
+        fleet: dict[str, str] = {}
+        if self.args.fleet > 1:
+            from tests.helpers.postgres import pg_cluster
+
+            self.pg = pg_cluster()
+            fleet = {"DATABASE_URL": self.pg.__enter__().url, "LEASE_S": "10"}
+        for n in range(max(1, self.args.fleet)):
+            root = self.workdir if n == 0 else self.workdir / f"worker-{n}"
+            write_model_file(root / "models" / "checkpoints" / CKPT)
+            port = self.port if n == 0 else free_port()
+            env = worker_env(root, WORKER_MODE="http", API_HOST="127.0.0.1", API_PORT=str(port),
+                             API_KEY=self.api_key, **WORKER_SETTINGS, **fleet,
+                             **({"WORKER_ID": f"chaos-{n}"} if fleet else {}))
+            self.members.append((port, WorkerProcess(env, root / "worker.log"), env))
+        _, self.worker, self.env = self.members[0]
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """Round robin over the workers (one worker: always its own): a fleet's jobs go to, and are read from, any."""
+        self._turn += 1
+        return f"http://127.0.0.1:{self.members[self._turn % len(self.members)][0] if self.members else self.port}"
+
+    def ours(self, tree_id: str | None) -> bool:
+        return tree_id is not None and any(env["TEST_TREE_ID"] == tree_id for _, _, env in self.members)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -436,30 +457,47 @@ class Soak:
     def log(self, text: str) -> None:
         print(f"[{self.elapsed():6.1f} s] {text}", flush=True)
 
-    async def health(self, http: aiohttp.ClientSession) -> dict[str, Any] | None:
+    async def health(self, http: aiohttp.ClientSession, base: str | None = None) -> dict[str, Any] | None:
         try:
-            async with http.get(self.base + "/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            async with http.get((base or self.base) + "/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
                 body = await resp.json(content_type=None)
                 return body if isinstance(body, dict) else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
 
-    async def comfy(self, http: aiohttp.ClientSession) -> dict[str, Any] | None:
-        body = await self.health(http)
-        return body.get("comfyui") if body else None
+    async def comfy(self, http: aiohttp.ClientSession, base: str | None = None) -> dict[str, Any] | None:
+        """ComfyUI's state on the worker at ``base`` (default: the next one); ``base`` is kept in the answer."""
+        base = base or self.base
+        body = await self.health(http, base)
+        return {**body["comfyui"], "base": base} if body and body.get("comfyui") else None
 
     async def wait_serving(self, http: aiohttp.ClientSession, timeout: float) -> dict[str, Any]:
         limit = time.monotonic() + timeout
-        while time.monotonic() < limit:
-            assert self.worker is not None
-            if self.worker.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited with {self.worker.proc.returncode}:\n"
-                                   f"{self.worker.log_text()[-3000:]}")
-            c = await self.comfy(http)
-            if c and c.get("state") == "ready" and c.get("pid"):
-                return c
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"the worker did not serve within {timeout:g} s:\n{self.worker.log_text()[-3000:]}")
+        first: dict[str, Any] | None = None
+        for port, worker, _ in self.members:
+            while True:
+                if worker.proc.poll() is not None:
+                    raise RuntimeError(f"the worker exited with {worker.proc.returncode}:\n"
+                                       f"{worker.log_text()[-3000:]}")
+                if time.monotonic() > limit:
+                    raise RuntimeError(f"the worker did not serve within {timeout:g} s:\n{worker.log_text()[-3000:]}")
+                c = await self.comfy(http, f"http://127.0.0.1:{port}")
+                if c and c.get("state") == "ready" and c.get("pid"):
+                    first = first or c
+                    break
+                await asyncio.sleep(0.05)
+        assert first is not None
+        return first
+
+    async def restarts(self, http: aiohttp.ClientSession) -> int | None:
+        """ComfyUI restarts over every worker (the supervisors' counters)."""
+        total = 0
+        for port, _, _ in self.members:
+            c = await self.comfy(http, f"http://127.0.0.1:{port}")
+            if c is None:
+                return None
+            total += int(c.get("restarts") or 0)
+        return total
 
     # --- submitting and polling ------------------------------------------------------------------------------
 
@@ -559,11 +597,12 @@ class Soak:
         return False
 
     def worker_dead(self) -> bool:
-        if self.worker is not None and self.worker.proc.poll() is not None:
-            if not self.worker_died:
-                self.worker_died = True
-                self.anomalies.append(f"the worker exited with {self.worker.proc.returncode} during the soak")
-            return True
+        for _, worker, _ in self.members:
+            if worker.proc.poll() is not None:
+                if not self.worker_died:
+                    self.worker_died = True
+                    self.anomalies.append(f"the worker exited with {worker.proc.returncode} during the soak")
+                return True
         return False
 
     async def poller(self, http: aiohttp.ClientSession) -> None:
@@ -621,7 +660,7 @@ class Soak:
     def our_comfy(self, pid: int) -> bool:
         """Only ever signal a process of this soak's ComfyUI tree."""
         try:
-            return psutil.Process(pid).environ().get("TEST_TREE_ID") == self.env["TEST_TREE_ID"]
+            return self.ours(psutil.Process(pid).environ().get("TEST_TREE_ID"))
         except psutil.Error:
             return False
 
@@ -664,7 +703,8 @@ class Soak:
                     os.kill(pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
                     phase = ("during start-up" if c.get("state") == "restarting"
                              else "during a job" if running else "idle")
-                    inj = Injection(kind, phase, time.time(), pid, int(c.get("generation") or 0), c["state"], running)
+                    inj = Injection(kind, phase, time.time(), pid, int(c.get("generation") or 0), c["state"], running,
+                                    base=c["base"])
                     self.injections.append(inj)
                     self.log(f"{kind} #{sum(1 for x in self.injections if x.kind == kind)}: pid {pid} "
                              f"(generation {inj.generation}, {phase})")
@@ -682,7 +722,7 @@ class Soak:
         while time.monotonic() < limit:
             if self.worker_dead():
                 return None
-            c = await self.comfy(http)
+            c = await self.comfy(http, inj.base)
             if c:
                 changed = c.get("pid") != inj.pid or (inj.state == "ready" and c.get("state") != "ready")
                 if changed and inj.detected_s is None:
@@ -709,7 +749,7 @@ class Soak:
         while time.monotonic() < limit:
             try:
                 proc = psutil.Process(inj.pid)
-                if proc.status() == psutil.STATUS_ZOMBIE or proc.environ().get("TEST_TREE_ID") != self.env["TEST_TREE_ID"]:
+                if proc.status() == psutil.STATUS_ZOMBIE or not self.ours(proc.environ().get("TEST_TREE_ID")):
                     return
             except psutil.Error:
                 return
@@ -739,8 +779,9 @@ class Soak:
         connector = aiohttp.TCPConnector(limit=16)
         async with aiohttp.ClientSession(connector=connector) as http:
             first = await self.wait_serving(http, 60)
-            self.restarts_start = int(first.get("restarts") or 0)
-            self.log(f"worker serving on {self.base} (ComfyUI pid {first.get('pid')}); {len(self.runs)} jobs, "
+            self.restarts_start = await self.restarts(http)
+            fleet = f" (a fleet of {len(self.members)} on PostgreSQL)" if len(self.members) > 1 else ""
+            self.log(f"worker serving on {self.base}{fleet} (ComfyUI pid {first.get('pid')}); {len(self.runs)} jobs, "
                      f"{self.args.kills} kills, {self.args.stops} stops, seed {self.args.seed}")
             reporter = asyncio.ensure_future(self.reporter())
             injector = asyncio.ensure_future(self.injector(http))
@@ -756,7 +797,7 @@ class Soak:
                     await injector
             end = await self.health(http)
             if end is not None:
-                self.restarts_end = int((end.get("comfyui") or {}).get("restarts") or 0)
+                self.restarts_end = await self.restarts(http)
                 self.health_jobs = end.get("jobs")
             if self.tasks:
                 await asyncio.wait(list(self.tasks), timeout=60)
@@ -783,30 +824,39 @@ class Soak:
                                f"{body.get('status') if isinstance(body, dict) else body}")
 
     def stop_worker(self) -> None:
-        worker = self.worker
-        if worker is None:
-            return
+        self.leftover_processes, self.leftover_folders = [], []
+        for n, (_, worker, env) in enumerate(self.members):
+            exit_code = self._stop_one(worker, env)
+            if n == 0:
+                self.worker_exit = exit_code
+        if self.pg is not None:
+            self.pg.__exit__(None, None, None)
+            self.pg = None
+
+    def _stop_one(self, worker: WorkerProcess, env: dict[str, str]) -> int | None:
+        exit_code = None
         if worker.proc.poll() is None:
             # a stopped ComfyUI must not block the shutdown we measure: wake everything of the tree first
-            for proc in tree_processes(self.env["TEST_TREE_ID"]):
+            for proc in tree_processes(env["TEST_TREE_ID"]):
                 with contextlib.suppress(psutil.Error):
                     if proc.status() == psutil.STATUS_STOPPED:
                         self.anomalies.append(f"pid {proc.pid} of the ComfyUI tree was still stopped at the end")
                         proc.send_signal(signal.SIGCONT)
             worker.signal(signal.SIGTERM)
             try:
-                self.worker_exit = worker.wait(60)
+                exit_code = worker.wait(60)
             except Exception:  # noqa: BLE001
                 self.anomalies.append("the worker did not exit within 60 s of SIGTERM")
         else:
-            self.worker_exit = worker.proc.returncode
+            exit_code = worker.proc.returncode
         time.sleep(0.5)
-        leftovers = tree_processes(self.env["TEST_TREE_ID"])
-        self.leftover_processes = [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in leftovers if p.is_running()]
+        leftovers = tree_processes(env["TEST_TREE_ID"])
+        self.leftover_processes += [f"{p.pid} {' '.join(p.cmdline()[:3])}" for p in leftovers if p.is_running()]
         worker.cleanup()
-        data = Path(self.env["DATA_DIR"])
-        self.leftover_folders = sorted(str(p.relative_to(data)) for sub in ("input", "output")
-                                       for p in (data / sub).glob("job-*"))
+        data = Path(env["DATA_DIR"])
+        self.leftover_folders += sorted(str(p.relative_to(data)) for sub in ("input", "output")
+                                        for p in (data / sub).glob("job-*"))
+        return exit_code
 
     # --- the reference run and the verdicts ---------------------------------------------------------------
 
@@ -954,7 +1004,7 @@ class Soak:
         st = Counter(r.status for r in self.runs if r.id)
         kills = [x for x in self.injections if x.kind == "kill"]
         stops = [x for x in self.injections if x.kind == "stop"]
-        log_text = self.worker.log_text() if self.worker else ""
+        log_text = "\n".join(worker.log_text() for _, worker, _ in self.members)
         hang_kills = len(re.findall(r"did not answer \d+ health probes in a row", log_text))
         own_lines = [line for line in log_text.splitlines() if "[comfyui]" not in line]
         log_errors = [line for line in own_lines if " ERROR " in line or "Traceback" in line]
@@ -1025,6 +1075,7 @@ class Soak:
             "leftover_job_folders": len(self.leftover_folders),
             "leftover_processes": len(self.leftover_processes),
             "worker_exit_code": self.worker_exit,
+            "jobs_started_per_worker": [worker.log_text().count(" started (waited ") for _, worker, _ in self.members],
             "execution_s_by_kind": exec_by_kind,
             "duration_s": round(self.elapsed(), 1),
         }
@@ -1116,6 +1167,7 @@ ROWS = [
     ("leftover_job_folders", "job folders left in DATA_DIR after the run", None),
     ("leftover_processes", "ComfyUI processes left after the worker exited", None),
     ("worker_exit_code", "worker exit code after SIGTERM", None),
+    ("jobs_started_per_worker", "jobs started by each worker (a fleet: --fleet N)", None),
     ("duration_s", "duration (s)", None),
 ]
 
@@ -1236,6 +1288,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-markdown", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--workdir", type=Path, default=None, help="where the worker's data goes (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (kept anyway on failure)")
+    parser.add_argument("--fleet", type=int, default=1, metavar="N",
+                        help="N workers on one throwaway PostgreSQL (docs/fleet.md): jobs sent to and read from "
+                             "each in turn, ComfyUI of any of them killed or stopped; writes chaos-fleet.json, not "
+                             "docs/benchmarks.md")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one of the worker's settings for the soak (repeatable), e.g. HEALTH_FAILURES=3")
     args = parser.parse_args(argv)
@@ -1252,7 +1308,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.min_kills = args.min_kills if args.min_kills is not None else min(args.kills, 3 if quick else 20)
     args.min_stops = args.min_stops if args.min_stops is not None else min(args.stops, 3 if quick else 20)
     args.time_limit = args.time_limit if args.time_limit is not None else (150.0 if quick else 1200.0)
-    args.json = args.json or ROOT / "chaos.json"
+    args.json = args.json or ROOT / ("chaos-fleet.json" if args.fleet > 1 else "chaos.json")
+    if args.fleet > 1:
+        args.no_markdown = True
     return args
 
 

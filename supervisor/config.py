@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -44,7 +45,9 @@ NVIDIA_SMI_TIMEOUT_S = 10.0
 GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[0-9A-Za-z/_.-]+)$")
 
 # Secrets of the worker itself: never echoed in errors, never passed on to ComfyUI's process tree.
-WORKER_SECRETS = frozenset({"API_KEY", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY"})
+WORKER_SECRETS = frozenset({"API_KEY", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "RUNPOD_AI_API_KEY",
+                            "DATABASE_URL"})
+DATABASE_SCHEMES = ("postgresql://", "postgres://")
 
 
 class ConfigError(ValueError):
@@ -258,6 +261,13 @@ class Settings:
     runsync_envelope: str = "runpod"
     health_port: int | None = None  # runpod-lb: PORT_HEALTH when it differs from the API's port
 
+    # --- fleet (docs/fleet.md) -------------------------------------------------------------------------
+    # Unset: the journal is SQLite under DATA_DIR. A postgresql:// URL: journal and queue shared by every worker.
+    database_url: str | None = field(default=None, repr=False)
+    worker_id: str = ""
+    lease_s: float = 30.0
+    fleet_inline_max_bytes: int = 8 * MB  # a Deploy upload up to this size is kept in PostgreSQL, else in S3
+
     # --- probes, metrics, build record -----------------------------------------------------------------
     metrics_enabled: bool = True
     metrics_public: bool = False
@@ -400,6 +410,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         endpoint_id=r.raw("RUNPOD_ENDPOINT_ID"),
         runsync_envelope=r.choice("RUNSYNC_ENVELOPE", "runpod", RUNSYNC_ENVELOPES),
         health_port=health_port,
+        database_url=_database_url(r),
+        worker_id=r.string("WORKER_ID", "") or f"{socket.gethostname()}-{os.getpid()}",
+        lease_s=r.number("LEASE_S", 30.0, lo=1, hi=3600),
+        fleet_inline_max_bytes=r.integer("FLEET_INLINE_MAX_BYTES", 8 * MB, lo=0),
         metrics_enabled=r.boolean("METRICS_ENABLED", True),
         metrics_public=r.boolean("METRICS_PUBLIC", False),
         metrics_port=r.optional_port("METRICS_PORT"),
@@ -426,6 +440,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if r.problems:
         raise ConfigError(r.problems)
     return s
+
+
+def _database_url(r: _Reader) -> str | None:
+    """DATABASE_URL: None (SQLite under DATA_DIR) or a postgresql:// URL; the value is never echoed."""
+    url = r.secret("DATABASE_URL")
+    if not url:
+        return None
+    if not url.startswith(DATABASE_SCHEMES):
+        r.problems.append("DATABASE_URL is not a PostgreSQL URL (value not shown); accepted: unset, or "
+                          "postgresql://user:password@host:port/database")
+        return None
+    return url
 
 
 def _listen_addresses(r: _Reader, worker_mode: str) -> tuple[str, int, int | None]:

@@ -92,6 +92,14 @@ class WorkerMetrics:
             self.queue_depth.set_function(queue_depth)
             self.in_progress.set_function(in_progress)
 
+    def fleet_worker(self, worker_id: str, shared_queue: Callable[[], float]) -> None:
+        """A worker of a fleet (DATABASE_URL): its WORKER_ID as a label, the fleet's shared queue as a gauge."""
+        if self.enabled:
+            Gauge("comfyui_worker_fleet_worker", "1, labelled with this worker's WORKER_ID (fleet mode)",
+                  ["worker_id"], registry=self.registry).labels(worker_id=worker_id).set(1)
+            Gauge("comfyui_worker_fleet_queue_depth", "Jobs waiting in the fleet's shared queue (PostgreSQL)",
+                  registry=self.registry).set_function(shared_queue)
+
     def job_finished(self, front_door: str, status: str, total_s: float | None) -> None:
         if not self.enabled:
             return

@@ -18,11 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(240)
 
 
-def test_quick_chaos_soak_keeps_every_required_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fleet", [1, 2], ids=["one-worker", "fleet-of-2"])
+def test_quick_chaos_soak_keeps_every_required_zero(tmp_path: Path, fleet: int) -> None:
+    """``fleet-of-2``: two workers on a throwaway PostgreSQL (make chaos FLEET=2, docs/fleet.md)."""
     out = tmp_path / "chaos.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "chaos.py"), "--quick", "--json", str(out), "--no-markdown",
-         "--workdir", str(tmp_path / "work"), "--progress-s", "5"],
+         "--workdir", str(tmp_path / "work"), "--progress-s", "5", "--fleet", str(fleet)],
         cwd=ROOT, capture_output=True, text=True, timeout=220,
     )
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
@@ -39,3 +41,5 @@ def test_quick_chaos_soak_keeps_every_required_zero(tmp_path: Path) -> None:
     assert figures["completed"] == figures["completed_verified"] > 0, report
     assert figures["timed_out"] > 0, report  # the deadline jobs
     assert figures["worker_exit_code"] == 0, report
+    started = figures["jobs_started_per_worker"]
+    assert len(started) == fleet and all(n > 0 for n in started), report  # a fleet: each worker took jobs

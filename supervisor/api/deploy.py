@@ -47,10 +47,10 @@ from supervisor.api.formats import COMPLETED
 from supervisor.api.http_base import error_response, public
 from supervisor.api.http_intake import json_body, read_capped
 from supervisor.api.job_service import DiskFull, QueueFull, ShuttingDown
-from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, JournalWriteError, UploadRecord
+from supervisor.api.journal import IN_PROGRESS, IN_QUEUE, JournalWriteError, UploadRecord, UploadTooLarge
 from supervisor.api.workflows import is_named_request
 from supervisor.config import Settings
-from supervisor.errors import JobError
+from supervisor.errors import JobError, StorageError
 from supervisor.jobs.outputs import media_type
 
 log = logging.getLogger("supervisor.deploy")
@@ -253,8 +253,11 @@ class DeployFacade:
         try:
             data = await read_capped(request, limit, f"the file is over the {limit} bytes limit (MAX_INPUT_BYTES)")
             try:
-                await asyncio.to_thread(_write_file, Path(rec.path), data)
-                await self.service.journal.uploaded(token, len(data))
+                await self.service.journal.write_upload(rec, data)
+            except UploadTooLarge as exc:
+                return error_response(413, str(exc))
+            except StorageError as exc:
+                return error_response(503, f"the worker cannot store the upload now: {exc}; retry later")
             except (OSError, JournalWriteError) as exc:  # a full disk, mostly: say so, never a 500
                 await asyncio.to_thread(shutil.rmtree, Path(rec.path).parent, True)
                 what = f"disk full: {exc.strerror}" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else exc
@@ -271,7 +274,11 @@ class DeployFacade:
         rec = await self.service.journal.get_upload(request.match_info["token"])
         if rec is None or not rec.stored or unquote(request.match_info["filename"]) != rec.filename:
             return error_response(404, "no such uploaded file (uploads are kept JOB_RETENTION_S)")
-        return web.FileResponse(rec.path, headers=attachment(rec.filename, rec.content_type))
+        try:
+            data = await self.service.journal.read_upload(rec)
+        except (OSError, StorageError) as exc:
+            return error_response(503, f"the uploaded file cannot be read now: {exc}")
+        return web.Response(body=data, headers=attachment(rec.filename, rec.content_type))
 
     async def resolve_uploads(self, job_input: Any, job: Any) -> Any:
         """Input hook: a named-workflow input equal to one of our ``file_url`` s becomes that file's data."""
@@ -288,17 +295,10 @@ class DeployFacade:
             rec = await self.service.journal.get_upload(match.group(1))
             if rec is None or not rec.stored:
                 continue
-            data = await asyncio.to_thread(Path(rec.path).read_bytes)
+            data = await self.service.journal.read_upload(rec)
             inputs[key] = f"data:{rec.content_type};base64," + base64.b64encode(data).decode("ascii")
             changed = True
         return {**job_input, "inputs": inputs} if changed else job_input
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def add_deploy_routes(app: web.Application, service: Any, settings: Settings) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from supervisor.api.http_base import SETTINGS, RequestRefused, error_response
+from supervisor.api.journal import JournalUnavailable
 from supervisor.config import Settings
 
 log = logging.getLogger("supervisor.api")
@@ -62,6 +63,8 @@ async def errors_middleware(request: web.Request, handler: Callable[..., Any]) -
         return await handler(request)
     except RequestRefused as refused:
         return refused.response()
+    except JournalUnavailable as exc:  # a fleet's PostgreSQL is down: the client may retry
+        return error_response(503, str(exc))
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].max_request_bytes
         return RequestRefused(413, f"request body too large: the limit is {limit} bytes (MAX_REQUEST_BYTES)",

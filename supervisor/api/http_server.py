@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from typing import Any
 
 from aiohttp import web
@@ -43,8 +44,10 @@ from supervisor.api.http_intake import intake_middleware
 from supervisor.api.http_middleware import auth_middleware, errors_middleware
 from supervisor.api.http_routes import add_runpod_routes
 from supervisor.api.info import add_info_route
+from supervisor.api.fleet_service import FleetJobService
 from supervisor.api.job_service import JobService
 from supervisor.api.journal import Journal
+from supervisor.api.pg_journal import DB_ERRORS, PgJournal
 from supervisor.api.log_throttle import LogThrottle
 from supervisor.api.metrics_routes import add_metrics_route
 from supervisor.api.probes import add_probe_routes, build_probe_app
@@ -52,12 +55,14 @@ from supervisor.api.workflows import WorkflowLibrary
 from supervisor.comfy.status import State
 from supervisor.config import Settings
 from supervisor.jobs.dispatch import InstanceDispatcher
+from supervisor.jobs.storage import BucketStorage
 from supervisor.metrics import WorkerMetrics
 
 log = logging.getLogger("supervisor.api")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+DB_CONNECT_S = 60.0  # how long a worker of a fleet waits for PostgreSQL at start-up
 
 
 def build_app(service: JobService, settings: Settings) -> web.Application:
@@ -73,16 +78,41 @@ def build_app(service: JobService, settings: Settings) -> web.Application:
     return app
 
 
+async def open_journal(settings: Settings) -> Journal | PgJournal | None:
+    """SQLite under DATA_DIR, or with DATABASE_URL the fleet's PostgreSQL (retried DB_CONNECT_S; None: gave up)."""
+    if not settings.database_url:
+        return await Journal.open(settings.data_dir / "jobs.sqlite3")
+    deadline = time.monotonic() + DB_CONNECT_S
+    while True:
+        try:
+            journal = await PgJournal.open(settings.database_url, settings.worker_id, settings.lease_s,
+                                           max_size=settings.max_concurrency + 4)
+            journal.inline_max = settings.fleet_inline_max_bytes
+            journal.storage = BucketStorage(settings) if settings.s3_enabled else None
+            return journal
+        except DB_ERRORS as exc:  # the message of a failed connection never holds the password
+            if time.monotonic() > deadline:
+                log.error("exiting: PostgreSQL (DATABASE_URL) cannot be reached after %g s: %s: %s", DB_CONNECT_S,
+                          type(exc).__name__, exc)
+                return None
+            log.warning("waiting for PostgreSQL (DATABASE_URL): %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(2.0)
+
+
 async def serve(settings: Settings, supervisor: Any, metrics: WorkerMetrics | None = None) -> int:
     """Run the API until SIGTERM/SIGINT (exit 0 after draining) or until the supervisor fails (exit 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    journal = await Journal.open(settings.data_dir / "jobs.sqlite3")
+    journal = await open_journal(settings)
+    if journal is None:
+        await asyncio.to_thread(supervisor.stop)
+        return EXIT_FAILED
     library = WorkflowLibrary.load(settings.workflows_dir)
     dispatcher = InstanceDispatcher.for_handles(settings, supervisor.instances, metrics)
-    service = JobService(settings, supervisor, dispatcher, journal, library, metrics)
+    kind = FleetJobService if settings.database_url else JobService
+    service = kind(settings, supervisor, dispatcher, journal, library, metrics)
     app = build_app(service, settings)
     throttle = LogThrottle(log)
     quiet_accept_errors(loop, throttle)

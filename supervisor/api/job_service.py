@@ -210,10 +210,27 @@ class JobService:
 
     async def submit(self, job_input: Any, *, kind: str = "run", webhook: str | None = None,
                      meta: dict[str, Any] | None = None, prefix: str = "") -> Job:
+        await self._admit()
+        rec = await self._accept(job_input, kind, webhook, meta, prefix)
+        job = Job(rec)
+        self.jobs[rec.id] = job
+        self.queue.append(rec.id)
+        await self._notify()
+        return job
+
+    async def _admit(self) -> None:
+        """Refuse a new job while shutting down or with the queue full."""
         if not self.accepting:
             raise ShuttingDown()
-        if len(self.queue) >= self.settings.max_queue:
+        if await self._queue_depth() >= self.settings.max_queue:
             raise QueueFull()
+
+    async def _queue_depth(self) -> int:
+        return len(self.queue)
+
+    async def _accept(self, job_input: Any, kind: str, webhook: str | None, meta: dict[str, Any] | None,
+                      prefix: str) -> JobRecord:
+        """The new job, journaled; DiskFull when the journal cannot take it."""
         rec = JobRecord(id=f"{prefix}{uuid.uuid4()}", kind=kind, input=job_input, webhook=webhook,
                         meta=dict(meta or {}))
         try:
@@ -221,11 +238,7 @@ class JobService:
         except JournalWriteError as exc:
             log.error("job refused: %s", exc)
             raise DiskFull(f"the worker cannot take jobs now: {exc}; retry later") from None
-        job = Job(rec)
-        self.jobs[rec.id] = job
-        self.queue.append(rec.id)
-        await self._notify()
-        return job
+        return rec
 
     async def record(self, job_id: str) -> tuple[JobRecord | None, Job | None]:
         """The job's current record (output included when finished), and its live entry if it has one."""

@@ -120,6 +120,14 @@ def _row_to_job(row: sqlite3.Row) -> JobRecord:
                      meta=_loads(row["meta"]) or {})
 
 
+class UploadTooLarge(Exception):
+    """An upload the journal cannot keep (a fleet: over FLEET_INLINE_MAX_BYTES with no bucket); the text says why."""
+
+
+class JournalUnavailable(Exception):
+    """The journal cannot be read now (a fleet's PostgreSQL is unreachable): the routes answer 503 with this text."""
+
+
 class JournalWriteError(Exception):
     """A write the journal could not make, mostly because DATA_DIR's disk is full; the caller decides what it means.
 
@@ -314,6 +322,14 @@ class Journal:
     async def uploaded(self, token: str, size: int) -> None:
         await self._write(lambda: self.db.execute("UPDATE uploads SET size = ? WHERE token = ?", (size, token)))
 
+    async def write_upload(self, rec: UploadRecord, data: bytes) -> None:
+        """Store an upload's bytes (a file under DATA_DIR/uploads) and record its size."""
+        await asyncio.to_thread(_write_file, Path(rec.path), data)
+        await self.uploaded(rec.token, len(data))
+
+    async def read_upload(self, rec: UploadRecord) -> bytes:
+        return await asyncio.to_thread(Path(rec.path).read_bytes)
+
     async def get_upload(self, token: str) -> UploadRecord | None:
         def _get() -> UploadRecord | None:
             row = self.db.execute("SELECT * FROM uploads WHERE token = ?", (token,)).fetchone()
@@ -324,3 +340,10 @@ class Journal:
                                 size=row["size"])
 
         return await self._call(_get)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)

@@ -162,6 +162,33 @@ class BucketStorage:
         except Exception as exc:  # noqa: BLE001 - botocore's errors are many; the message says which
             raise RuntimeError(_describe(exc, target)) from None
 
+    async def put_object(self, key: str, data: bytes, content_type: str) -> None:
+        """Store one object under ``key`` (below BUCKET_PREFIX); StorageError on failure."""
+        target = self.target
+        client = await asyncio.to_thread(self._get_client)
+        full = "/".join(p for p in (target.prefix, key) if p)
+        try:
+            await asyncio.to_thread(client.put_object, Bucket=target.bucket, Key=full, Body=data,
+                                    ContentType=content_type)
+        except Exception as exc:  # noqa: BLE001 - botocore's errors are many; the message says which
+            raise StorageError.with_problems(STORAGE_PREFIX, [_describe(exc, target)],
+                                             {"bucket": target.bucket, "endpoint": target.endpoint_url}) from None
+
+    async def get_object(self, key: str) -> bytes:
+        """The bytes of the object stored under ``key`` by :meth:`put_object`; StorageError on failure."""
+        target = self.target
+        client = await asyncio.to_thread(self._get_client)
+        full = "/".join(p for p in (target.prefix, key) if p)
+
+        def _get() -> bytes:
+            return client.get_object(Bucket=target.bucket, Key=full)["Body"].read()
+
+        try:
+            return await asyncio.to_thread(_get)
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError.with_problems(STORAGE_PREFIX, [_describe(exc, target)],
+                                             {"bucket": target.bucket, "endpoint": target.endpoint_url}) from None
+
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
