@@ -96,14 +96,15 @@ SECRET_FLAGS = $(if $(HF_TOKEN_FILE),--secret id=HF_TOKEN$(comma)src=$(HF_TOKEN_
 SECRET_IDS = $(strip $(if $(HF_TOKEN_FILE),HF_TOKEN) $(if $(CIVITAI_TOKEN_FILE),CIVITAI_TOKEN))
 VARIANT_BUILD_ARGS ?=
 # One layer per model file (scripts/model_layers.py): `make build` builds a copy of DOCKERFILE whose model block is
-# generated from MODELS_MANIFEST (a path inside CONTEXT) into CONTEXT/build/model-layers/, removed after a good
-# build. MODEL_GROUP_MB > 0 lets consecutive small files (known sizes) share a layer up to that many MiB.
+# generated from MODELS_MANIFEST (a path inside CONTEXT) into CONTEXT/build/model-layers/ (git ignores build/),
+# removed after a good build, kept after a failed one for a look. MODEL_GROUP_MB > 0 lets consecutive small files (known sizes) share a layer up to that many MiB.
 # MODEL_LAYERS=no builds DOCKERFILE as it is (every model in one layer).
 MODELS_MANIFEST ?= models.yaml
 MODEL_GROUP_MB ?= 0
 MODEL_LAYERS ?= yes
 MODEL_LAYERS_DIR = $(CONTEXT)/build/model-layers
 BUILD_DOCKERFILE = $(if $(call YES,$(MODEL_LAYERS)),$(MODEL_LAYERS_DIR)/Dockerfile,$(DOCKERFILE))
+CLEAN_MODEL_LAYERS = $(if $(call YES,$(MODEL_LAYERS)),rm -rf $(MODEL_LAYERS_DIR); rmdir $(CONTEXT)/build 2>/dev/null,:) || true
 MODEL_LAYERS_CMD = $(PYTHON) scripts/model_layers.py --manifest $(CONTEXT)/$(MODELS_MANIFEST) --dockerfile $(DOCKERFILE) \
 	--context $(CONTEXT) --out $(MODEL_LAYERS_DIR) --group-mb $(MODEL_GROUP_MB)
 
@@ -147,13 +148,15 @@ build: ## Build the image REGISTRY/IMAGE:TAG (BASE_IMAGE, COMFYUI_REF, HF_TOKEN_
 	$(if $(call YES,$(MODEL_LAYERS)),$(MODEL_LAYERS_CMD))
 	$(strip $(call BUILD_CMD,$(STAMP_ARGS)))
 	@$(if $(call YES,$(LABELS)),$(LABEL_PASS),echo ">> no labels (LABELS=$(LABELS))")
-	@$(if $(call YES,$(MODEL_LAYERS)),rm -rf $(MODEL_LAYERS_DIR); rmdir $(CONTEXT)/build 2>/dev/null || true)
+	@$(CLEAN_MODEL_LAYERS)
 	@echo ">> built $(IMAGE_REF)"
 
-push: ## Push REGISTRY/IMAGE:TAG to its registry (`docker login` to it first)
+push: ## Push REGISTRY/IMAGE:TAG to its registry (`docker login` to it first); prints each layer: uploaded or already there, and its size
 	@test -n "$(REGISTRY)" || { echo "push: REGISTRY is not set; e.g. make push REGISTRY=docker.io/you TAG=v1" >&2; exit 1; }
 	@echo ">> pushing $(IMAGE_REF)"
-	$(DOCKER) push $(IMAGE_REF)
+	@set -o pipefail; log=$$(mktemp); trap 'rm -f "$$log"' EXIT; \
+	$(DOCKER) push $(IMAGE_REF) | tee "$$log"; \
+	$(PYTHON) scripts/push_report.py --log "$$log" --image $(IMAGE_REF) --docker $(DOCKER)
 
 run: ## Run the image self-hosted: --gpus all, API on HOST_ADDR:PORT, env from ENV_FILE, data in DATA_VOLUME
 	@test -r "$(ENV_FILE)" || { echo "run: no env file $(ENV_FILE); start from docker/worker.env.example (cp docker/worker.env.example .env)" >&2; exit 1; }

@@ -5,7 +5,7 @@
 * :class:`CountingProxy`: an aiohttp reverse proxy on 127.0.0.1 in front of it. Every push and pull goes through
   it, and it records each request's method, path, status and the body bytes that went up (request) and down
   (response): the bytes are measured on the wire at the registry, not computed from manifests.
-* :class:`PullerEngine`: a second dockerd (its own data root, socket and containerd, no networking) standing for
+* :class:`PullerEngine`: a second dockerd (its own data root, socket, containerd and bridge) standing for
   a RunPod worker that has the previous tag: ``docker pull`` of the new tag there downloads what it lacks.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import threading
@@ -206,10 +207,15 @@ class PullerEngine:
     def start(self) -> PullerEngine:
         for sub in ("data", "exec"):
             (self.root / sub).mkdir(parents=True)
+        # A bridge of its own: with --bridge=none dockerd deletes the interface docker0 -- the first engine's.
+        self.bridge = f"lp{secrets.token_hex(4)}"
+        subnet = f"10.213.{secrets.randbelow(250) + 1}.1/24"
+        subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
+        subprocess.run(["ip", "addr", "add", subnet, "dev", self.bridge], check=True)
         self._log = (self.root / "dockerd.log").open("wb")
         self._proc = subprocess.Popen(
             [DOCKERD, f"--data-root={self.root / 'data'}", f"--exec-root={self.root / 'exec'}",
-             f"--pidfile={self.root / 'dockerd.pid'}", f"--host=unix://{self.socket}", "--bridge=none",
+             f"--pidfile={self.root / 'dockerd.pid'}", f"--host=unix://{self.socket}", f"--bridge={self.bridge}",
              "--iptables=false", "--ip-masq=false", "--storage-driver=overlay2", "--max-concurrent-downloads=3"],
             stdout=self._log, stderr=self._log, start_new_session=True)
         wait_for(self._answers, 60, f"the puller dockerd (log: {self.root / 'dockerd.log'})", interval=0.3)
@@ -237,6 +243,7 @@ class PullerEngine:
                 self._proc.wait(timeout=10)
             self._proc = None
             self._log.close()
+            subprocess.run(["ip", "link", "delete", self.bridge], check=False, capture_output=True)
             # overlay mounts are gone with the engine; the data root can go
             subprocess.run(["rm", "-rf", str(self.root / "data"), str(self.root / "exec")], check=False)
 

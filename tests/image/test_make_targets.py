@@ -89,8 +89,11 @@ def test_a_missing_secret_file_stops_the_build_before_docker_runs(tmp_path: Path
 
 
 def test_push_needs_a_registry_and_pushes_the_built_reference() -> None:
-    line = docker_line(make_n("push", "REGISTRY=docker.io/acme", "TAG=v2"), "push")
-    assert line == "docker push docker.io/acme/comfyui-worker:v2"
+    lines = make_n("push", "REGISTRY=docker.io/acme", "TAG=v2")
+    line = docker_line(lines, "push")
+    assert line.startswith("docker push docker.io/acme/comfyui-worker:v2 | tee "), line
+    # then the layers it pushed, with their sizes (scripts/push_report.py)
+    assert any("scripts/push_report.py" in ln and "--image docker.io/acme/comfyui-worker:v2" in ln for ln in lines)
     proc = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "push"], text=True,
                           capture_output=True, timeout=30, env=ENV)
     assert proc.returncode != 0 and "REGISTRY is not set" in proc.stderr
