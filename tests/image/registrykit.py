@@ -18,16 +18,17 @@ import secrets
 import shutil
 import subprocess
 import threading
-import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from tests.helpers.standin import free_port
-from tests.image.imagekit import DOCKER_CLI, wait_for
+from tests.image.imagekit import DOCKER_CLI, stop_process, wait_for
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 DOCKERD = "/usr/sbin/dockerd"
@@ -62,8 +63,6 @@ http: {{addr: 127.0.0.1:{self.port}}}
         if self._proc is not None and self._proc.poll() is not None:
             raise AssertionError(f"docker-registry exited: {(self.root / 'registry.log').read_text()[-1500:]}")
         try:
-            import urllib.request
-
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=2) as r:
                 return r.status == 200
         except OSError:
@@ -71,12 +70,7 @@ http: {{addr: 127.0.0.1:{self.port}}}
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
+            stop_process(self._proc, 10)
             self._proc = None
             self._log.close()
 
@@ -150,12 +144,13 @@ class CountingProxy:
                 up += len(chunk)
                 yield chunk
 
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        # a multidict: a client sends several Accept headers (the manifest types it takes), all must pass
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_HEADERS)
         has_body = request.body_exists
         async with self._session.request(request.method, self.upstream + request.raw_path, headers=headers,
                                          data=body() if has_body else None, allow_redirects=False) as upstream:
-            out = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS})
+            out = web.StreamResponse(status=upstream.status, headers=CIMultiDict(
+                (k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS))
             if upstream.content_length is not None:
                 out.content_length = upstream.content_length
             await out.prepare(request)
@@ -235,21 +230,12 @@ class PullerEngine:
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
+            stop_process(self._proc, 30)
             self._proc = None
             self._log.close()
             subprocess.run(["ip", "link", "delete", self.bridge], check=False, capture_output=True)
             # overlay mounts are gone with the engine; the data root can go
             subprocess.run(["rm", "-rf", str(self.root / "data"), str(self.root / "exec")], check=False)
-
-
-def seconds_since(t0: float) -> float:
-    return time.monotonic() - t0
 
 
 def have_registry() -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import time
 import urllib.request
@@ -50,6 +51,8 @@ STANDIN_TORCH = "six==1.17.0"  # a small package standing in for torch on the CP
 class Step:
     change: str
     build_s: float
+    push_s: float
+    pull_s: float
     up_total: int
     up_models: int
     down_total: int
@@ -112,19 +115,25 @@ class Rig:
         ref = f"{self.proxy.host}/{NAME}:{tag}"
         self.tags.append(ref)
         self.proxy.take()
+        t0 = time.monotonic()
         push = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "push", f"DOCKER={DOCKER_CLI}",
                                f"REGISTRY={self.proxy.host}", f"IMAGE={NAME}", f"TAG={tag}"],
                               text=True, capture_output=True, timeout=600)
         assert push.returncode == 0, f"{change}: make push failed:\n{push.stdout[-2000:]}{push.stderr[-2000:]}"
         (self.work / f"push-{tag}.log").write_text(push.stdout + push.stderr)
+        # make push said what it pushed, with sizes (scripts/push_report.py)
+        assert re.search(r"^>> push: \d+ layer\(s\) uploaded \(\d[\d.]* [KMG]?B\), \d+ already", push.stdout, re.M), \
+            push.stdout[-1500:]
         up = self.proxy.take()
+        t1 = time.monotonic()
         self.puller.docker("pull", ref)
         down = self.proxy.take()
+        t2 = time.monotonic()
         pushed = self.manifest(tag)
         self.pushed.append(pushed)
         ups, downs = uploaded_blobs(up), downloaded_blobs(down)
         models = set(pushed.models)
-        step = Step(change=change, build_s=build.seconds,
+        step = Step(change=change, build_s=build.seconds, push_s=t1 - t0, pull_s=t2 - t1,
                     up_total=sum(e.up for e in up), up_models=sum(n for d, n in ups.items() if d in models),
                     down_total=sum(e.down for e in down), down_models=sum(n for d, n in downs.items() if d in models),
                     fetched=fetched, up_model_blobs={d: n for d, n in ups.items() if d in models},
@@ -161,10 +170,11 @@ def human(n: int) -> str:
 
 
 def table(steps: list[Step]) -> str:
-    rows = ["| change | build (s) | pushed: all | pushed: models | pulled: all | pulled: models | fetched from the hub |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    rows += [f"| {s.change} | {s.build_s:.0f} | {human(s.up_total)} | {human(s.up_models)} | {human(s.down_total)} | "
-             f"{human(s.down_models)} | {', '.join(s.fetched) or '-'} |" for s in steps]
+    rows = ["| change | build, push, pull (s) | pushed: all | pushed: models | pulled: all | pulled: models | "
+            "fetched from the hub |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    rows += [f"| {s.change} | {s.build_s:.0f}, {s.push_s:.0f}, {s.pull_s:.0f} | {human(s.up_total)} | "
+             f"{human(s.up_models)} | {human(s.down_total)} | {human(s.down_models)} | {', '.join(s.fetched) or '-'} |"
+             for s in steps]
     return "\n".join(rows)
 
 
