@@ -74,7 +74,7 @@ REGISTRY ?=
 IMAGE ?= comfyui-worker
 TAG ?= latest
 IMAGE_REF = $(if $(REGISTRY),$(REGISTRY)/)$(IMAGE):$(TAG)
-BASE_IMAGE ?= nvidia/cuda:12.8.1-runtime-ubuntu24.04
+BASE_IMAGE ?= nvidia/cuda:12.8.1-base-ubuntu24.04
 COMFYUI_REF ?=
 DOCKERFILE ?= docker/Dockerfile
 CONTEXT ?= .
@@ -95,6 +95,18 @@ SECRET_FLAGS = $(if $(HF_TOKEN_FILE),--secret id=HF_TOKEN$(comma)src=$(HF_TOKEN_
                $(if $(CIVITAI_TOKEN_FILE),--secret id=CIVITAI_TOKEN$(comma)src=$(CIVITAI_TOKEN_FILE))
 SECRET_IDS = $(strip $(if $(HF_TOKEN_FILE),HF_TOKEN) $(if $(CIVITAI_TOKEN_FILE),CIVITAI_TOKEN))
 VARIANT_BUILD_ARGS ?=
+# One layer per model file (scripts/model_layers.py): `make build` builds a copy of DOCKERFILE whose model block is
+# generated from MODELS_MANIFEST (a path inside CONTEXT) into CONTEXT/build/model-layers/ (git ignores build/),
+# removed after a good build, kept after a failed one for a look. MODEL_GROUP_MB > 0 lets consecutive small files (known sizes) share a layer up to that many MiB.
+# MODEL_LAYERS=no builds DOCKERFILE as it is (every model in one layer).
+MODELS_MANIFEST ?= models.yaml
+MODEL_GROUP_MB ?= 0
+MODEL_LAYERS ?= yes
+MODEL_LAYERS_DIR = $(CONTEXT)/build/model-layers
+BUILD_DOCKERFILE = $(if $(call YES,$(MODEL_LAYERS)),$(MODEL_LAYERS_DIR)/Dockerfile,$(DOCKERFILE))
+CLEAN_MODEL_LAYERS = $(if $(call YES,$(MODEL_LAYERS)),rm -rf $(MODEL_LAYERS_DIR); rmdir $(CONTEXT)/build 2>/dev/null,:) || true
+MODEL_LAYERS_CMD = $(PYTHON) scripts/model_layers.py --manifest $(CONTEXT)/$(MODELS_MANIFEST) --dockerfile $(DOCKERFILE) \
+	--context $(CONTEXT) --out $(MODEL_LAYERS_DIR) --group-mb $(MODEL_GROUP_MB)
 
 # What the image says it is (its BUILD_* ENV and labels): this checkout's commit (with -dirty when tracked files
 # are modified), its `origin` URL without credentials, the build time (SOURCE_DATE_EPOCH when set; computed once,
@@ -107,7 +119,7 @@ STAMP_ARGS = --build-arg BUILD_REVISION=$(BUILD_REVISION) --build-arg 'BUILD_SOU
 	--build-arg BUILD_CREATED=$(BUILD_CREATED)
 
 # $(call BUILD_CMD,MORE): the build, with MORE build args (the stamp of pass 1, the labels of pass 2).
-BUILD_CMD = DOCKER_BUILDKIT=1 $(BUILD_DOCKER) build --progress=$(PROGRESS) -f $(DOCKERFILE) -t $(IMAGE_REF) \
+BUILD_CMD = DOCKER_BUILDKIT=1 $(BUILD_DOCKER) build --progress=$(PROGRESS) -f $(BUILD_DOCKERFILE) -t $(IMAGE_REF) \
 	--build-arg BASE_IMAGE=$(BASE_IMAGE) $(if $(COMFYUI_REF),--build-arg COMFYUI_REF=$(COMFYUI_REF)) \
 	$(SECRET_FLAGS) $(VARIANT_BUILD_ARGS) $(BUILD_ARGS) $(BUILD_FLAGS) $(1) $(CONTEXT)
 # Pass 2 of `make build`: the labels, computed from the build record the image of pass 1 holds
@@ -133,14 +145,18 @@ build: ## Build the image REGISTRY/IMAGE:TAG (BASE_IMAGE, COMFYUI_REF, HF_TOKEN_
 	@for f in $(HF_TOKEN_FILE) $(CIVITAI_TOKEN_FILE); do test -r "$$f" || { echo "build: the secret file $$f cannot be read" >&2; exit 1; }; done
 	@test -n "$(BUILD_DOCKER)" || exit 1  # docker/buildkit-client.sh said why, in one line
 	@echo ">> building $(IMAGE_REF) from $(DOCKERFILE) on $(BASE_IMAGE) with $(BUILD_DOCKER) (context $(CONTEXT); secrets: $(or $(SECRET_IDS),none))"
+	$(if $(call YES,$(MODEL_LAYERS)),$(MODEL_LAYERS_CMD))
 	$(strip $(call BUILD_CMD,$(STAMP_ARGS)))
 	@$(if $(call YES,$(LABELS)),$(LABEL_PASS),echo ">> no labels (LABELS=$(LABELS))")
+	@$(CLEAN_MODEL_LAYERS)
 	@echo ">> built $(IMAGE_REF)"
 
-push: ## Push REGISTRY/IMAGE:TAG to its registry (`docker login` to it first)
+push: ## Push REGISTRY/IMAGE:TAG to its registry (`docker login` to it first); prints each layer: uploaded or already there, and its size
 	@test -n "$(REGISTRY)" || { echo "push: REGISTRY is not set; e.g. make push REGISTRY=docker.io/you TAG=v1" >&2; exit 1; }
 	@echo ">> pushing $(IMAGE_REF)"
-	$(DOCKER) push $(IMAGE_REF)
+	@set -o pipefail; log=$$(mktemp); trap 'rm -f "$$log"' EXIT; \
+	$(DOCKER) push $(IMAGE_REF) | tee "$$log"; \
+	$(PYTHON) scripts/push_report.py --log "$$log" --image $(IMAGE_REF) --docker $(DOCKER)
 
 run: ## Run the image self-hosted: --gpus all, API on HOST_ADDR:PORT, env from ENV_FILE, data in DATA_VOLUME
 	@test -r "$(ENV_FILE)" || { echo "run: no env file $(ENV_FILE); start from docker/worker.env.example (cp docker/worker.env.example .env)" >&2; exit 1; }
@@ -179,7 +195,7 @@ build-cpu: ## Build a CPU image of your own, CPU_IMAGE:TAG: the stand-in as Comf
 	@test -n "$(BUILD_DOCKER)" || exit 1  # docker/buildkit-client.sh said why, in one line
 	@$(if $(filter local/%,$(CPU_BASE_IMAGE)),DOCKER=$(BUILD_DOCKER) BASE_TAG=$(CPU_BASE_IMAGE) bash docker/ci/base-image.sh \
 		|| { echo "build-cpu: the base image $(CPU_BASE_IMAGE) could not be made (above); with Docker Hub at hand: make build-cpu CPU_BASE_IMAGE=debian:bookworm-slim" >&2; exit 1; },:)
-	@$(MAKE) --no-print-directory build IMAGE=$(CPU_IMAGE) BASE_IMAGE=$(CPU_BASE_IMAGE) REGISTRY=
+	@$(MAKE) --no-print-directory build IMAGE=$(CPU_IMAGE) BASE_IMAGE=$(CPU_BASE_IMAGE) REGISTRY= MODELS_MANIFEST=docker/cpu/models.yaml
 
 run-cpu: ## Run the CPU image on http://HOST_ADDR:CPU_PORT (loopback only: it serves without an API key)
 	@case "$(HOST_ADDR)" in 127.*|localhost|::1) ;; *) echo "run-cpu: serves without an API key, so only on a loopback HOST_ADDR (127.0.0.1), not $(HOST_ADDR); for more, run it like the GPU image: make run GPUS= IMAGE=$(CPU_IMAGE) (API_KEY in $(ENV_FILE))" >&2; exit 1;; esac

@@ -78,7 +78,7 @@ def test_without_buildx_on_path_the_engines_own_client_builds(tmp_path: Path) ->
         pytest.skip(f"no {ENGINE_CLIENT} that builds with BuildKit here")
     run = make(["build"], path_with_docker(tmp_path, client_without_buildx()))
     assert run.returncode == 0, run.stderr
-    assert build_line(run).startswith(f"DOCKER_BUILDKIT=1 {ENGINE_CLIENT} build --progress=auto -f docker/Dockerfile")
+    assert build_line(run).startswith(f"DOCKER_BUILDKIT=1 {ENGINE_CLIENT} build --progress=auto -f ./build/model-layers/Dockerfile")
     assert f"with {ENGINE_CLIENT}" in run.stdout  # the ">> building ..." line says which client
 
 

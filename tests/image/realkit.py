@@ -26,8 +26,7 @@ TORCH_PACKAGES = " ".join(builder().TORCH_PINS)  # the triple known to work with
 REAL_VARIANT = (
     "--build-arg COMFYUI_SOURCE=local",
     f"--build-arg COMFYUI_LOCAL_DIR={COMFYUI_IN_CONTEXT}",
-    f"--build-arg 'TORCH_PACKAGES={TORCH_PACKAGES}'",
-    "--build-arg TORCH_INDEX_URL=",  # pip's default index
+    # no TORCH_PACKAGES, no TORCH_INDEX_URL: the Dockerfile's defaults, the pinned triple from pip's default index
     "--build-arg SYSTEM_PACKAGES=",
 )
 MODELS_REPO = "tiny/real-models"  # the hub repository that serves the generated models

@@ -14,7 +14,8 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 # The Makefile's variables (`?=`) take values from the environment: expect its defaults whatever the shell has.
 MAKE_VARS = ("DOCKER", "REGISTRY", "BUILD_REVISION", "BUILD_SOURCE", "BUILD_CREATED", "LABELS", "IMAGE", "TAG", "BASE_IMAGE", "COMFYUI_REF", "DOCKERFILE", "CONTEXT", "PROGRESS",
              "HF_TOKEN_FILE", "CIVITAI_TOKEN_FILE", "BUILD_ARGS", "BUILD_FLAGS", "ENV_FILE", "DATA_VOLUME",
-             "HOST_ADDR", "PORT", "GPUS", "RUN_FLAGS", "CONTAINER", "MAKEFLAGS", "MFLAGS")
+             "HOST_ADDR", "PORT", "GPUS", "RUN_FLAGS", "CONTAINER", "MAKEFLAGS", "MFLAGS", "MODELS_MANIFEST",
+             "MODEL_GROUP_MB", "MODEL_LAYERS")
 ENV = {k: v for k, v in os.environ.items() if k not in MAKE_VARS}
 
 
@@ -43,9 +44,13 @@ def test_make_n_build_shows_the_exact_buildkit_command() -> None:
                             timeout=30, env=ENV).stdout.strip()
     if not client:
         pytest.skip("no docker client here builds with BuildKit")
-    line = docker_line(make_n("build", *STAMP_VARS), "build", count=2)
-    assert line == (f"DOCKER_BUILDKIT=1 {client} build --progress=auto -f docker/Dockerfile -t comfyui-worker:latest "
-                    f"--build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 {STAMP} .")
+    lines = make_n("build", *STAMP_VARS)
+    line = docker_line(lines, "build", count=2)
+    # the Dockerfile with one layer per model, generated from models.yaml first (scripts/model_layers.py)
+    assert ("python3 scripts/model_layers.py --manifest ./models.yaml --dockerfile docker/Dockerfile --context . "
+            "--out ./build/model-layers --group-mb 0") in lines, lines
+    assert line == (f"DOCKER_BUILDKIT=1 {client} build --progress=auto -f ./build/model-layers/Dockerfile "
+                    f"-t comfyui-worker:latest --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04 {STAMP} .")
     # unset, the stamp is this checkout's commit and the time now; the labels pass is the second docker build
     lines = make_n("build")
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
@@ -63,7 +68,7 @@ def test_build_variables_reach_the_command(tmp_path: Path) -> None:
                               f"HF_TOKEN_FILE={token}", "CIVITAI_TOKEN_FILE=/run/civitai",
                               "BUILD_ARGS=--build-arg TORCH_PACKAGES=", "BUILD_FLAGS=--network host", *STAMP_VARS),
                        "build", count=2)
-    assert line == ("DOCKER_BUILDKIT=1 /usr/bin/docker build --progress=auto -f docker/Dockerfile "
+    assert line == ("DOCKER_BUILDKIT=1 /usr/bin/docker build --progress=auto -f ./build/model-layers/Dockerfile "
                     "-t ghcr.io/acme/worker:v1 --build-arg BASE_IMAGE=local/bookworm:base "
                     f"--build-arg COMFYUI_REF=v0.3.64 --secret id=HF_TOKEN,src={token} "
                     f"--secret id=CIVITAI_TOKEN,src=/run/civitai --build-arg TORCH_PACKAGES= --network host {STAMP} .")
@@ -84,8 +89,11 @@ def test_a_missing_secret_file_stops_the_build_before_docker_runs(tmp_path: Path
 
 
 def test_push_needs_a_registry_and_pushes_the_built_reference() -> None:
-    line = docker_line(make_n("push", "REGISTRY=docker.io/acme", "TAG=v2"), "push")
-    assert line == "docker push docker.io/acme/comfyui-worker:v2"
+    lines = make_n("push", "REGISTRY=docker.io/acme", "TAG=v2")
+    line = docker_line(lines, "push")
+    assert line.startswith("docker push docker.io/acme/comfyui-worker:v2 | tee "), line
+    # then the layers it pushed, with their sizes (scripts/push_report.py)
+    assert any("scripts/push_report.py" in ln and "--image docker.io/acme/comfyui-worker:v2" in ln for ln in lines)
     proc = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "push"], text=True,
                           capture_output=True, timeout=30, env=ENV)
     assert proc.returncode != 0 and "REGISTRY is not set" in proc.stderr
@@ -110,7 +118,8 @@ def test_the_dockerfile_keeps_to_the_builtin_frontend_and_its_contract() -> None
     text = DOCKERFILE.read_text()
     assert not re.search(r"^#\s*syntax\s*=", text, re.M), "a # syntax= line needs a frontend from a registry"
     assert "<<" not in text, "heredoc RUN needs a newer frontend"
-    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\S*runtime", text, re.M)
+    # CUDA's base flavour: torch's wheels bring CUDA's libraries (docs/image.md, "CUDA once")
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\S*-base-", text, re.M)
     assert re.search(r"^EXPOSE 8000$", text, re.M)
     assert re.search(r"^USER worker$", text, re.M)
     assert re.search(r'^ENTRYPOINT \[.*"-m", "supervisor"\]$', text, re.M)

@@ -165,6 +165,21 @@ def test_real_build_has_the_pinned_torch_comfyui_and_packs(engine: Any, real_ima
         assert re.search(rf"install_nodes: imports: .*\b{re.escape(name)} \([1-9]\d* node classes\)", log), log[-3000:]
 
 
+def test_real_build_ends_with_a_clean_pip_check(engine: Any, real_image: ImageUnderTest,
+                                               report: Callable[[str], None]) -> None:
+    """The build's last step in ComfyUI's venv is `pip check` (the build fails otherwise); with the default pins the
+    venv is consistent. Also what the torch wheels weigh installed (docs/image.md, "CUDA once")."""
+    log = real_image.build.log
+    at = log.find(">> pip check of ComfyUI's venv")
+    assert at >= 0 and "No broken requirements found." in log[at:], log[at - 2000 if at > 0 else -3000:]
+    out = shell(engine, real_image.ref, "cd /opt/venv/comfyui/lib/python3*/site-packages && "
+                                        "du -sm torch torchvision torchaudio nvidia triton 2>/dev/null; "
+                                        "du -sm nvidia/* 2>/dev/null | sort -rn | head -5; du -sm /opt/venv/comfyui")
+    report("installed sizes (MB):\n" + out.strip())
+    sizes = {line.split()[1]: int(line.split()[0]) for line in out.strip().splitlines() if len(line.split()) == 2}
+    assert sizes.get("torch", 0) > 100, out  # the real torch, not a stand-in
+
+
 def test_real_build_baked_the_generated_models(engine: Any, real_image: ImageUnderTest,
                                               real_models: dict[str, bytes]) -> None:
     """Fetched from the loopback hub by models.yaml entries with their sha256 (on a warm engine, the fetcher's

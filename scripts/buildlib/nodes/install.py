@@ -4,6 +4,7 @@ ComfyUI's interpreter under constraints that hold torch as it is, run its instal
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -107,12 +108,23 @@ def _has_requirements(path: Path) -> bool:
 
 
 def _pip_reason(output: str) -> str:
-    """The line of pip's output that says why, rather than its last line (often a hint), plus any held package."""
-    reason = next((ln[6:].strip() for ln in output.splitlines() if ln.startswith("ERROR:")), last_line(output))
-    held = [ln.split("(constraint)", 1)[1].strip() for ln in output.splitlines() if "(constraint)" in ln]
-    if held:
-        reason += f" (held by the constraints: {', '.join(held)})"
-    return reason
+    """The line of pip's output that says why, rather than its last line (often a hint), plus any held package.
+
+    When a held package (torch, what TORCH_PACKAGES installed) is in the conflict, the reason names the pack's
+    requirements that would replace it, from pip's "The conflict is caused by" lines."""
+    lines = [ln.strip() for ln in output.splitlines()]
+    reason = next((ln[6:].strip() for ln in lines if ln.startswith("ERROR:")), last_line(output))
+    held = [ln.split("(constraint)", 1)[1].strip() for ln in lines if "(constraint)" in ln]
+    if not held:
+        return reason
+    names = {re.split(r"[<>=!~;\[ ]", h, maxsplit=1)[0].lower() for h in held}
+    wants = [ln.removeprefix("The user requested ").strip() for ln in lines
+             if ("The user requested " in ln and "(constraint)" not in ln) or " depends on " in ln]
+    wants = [w for w in wants if any(re.search(rf"(^|\s){re.escape(n)}([<>=!~;\[ ]|$)", w.lower()) for n in names)]
+    if wants:
+        return (f"its requirements would replace {', '.join(held)}, which the build holds: {'; '.join(wants)} "
+                "(pin a version of the pack that works with it, or change TORCH_PACKAGES)")
+    return reason + f" (held by the constraints: {', '.join(held)})"
 
 
 def run_install_script(pack: NodePack, dest: Path, python: str, env: Mapping[str, str], timeout: float) -> bool:
