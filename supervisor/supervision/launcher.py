@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +45,23 @@ class ForkLauncher:
     Every method runs on the supervisor's loop. One launcher per supervisor (per ComfyUI instance)."""
 
     def __init__(self, python: str, comfyui_dir: Path, data_dir: Path, comfy_args: Sequence[str],
-                 env: Mapping[str, str], gc_freeze: bool = True) -> None:
+                 env: Mapping[str, str], gc_freeze: bool = True, diagnostics: Mapping[str, Any] | None = None) -> None:
+        """``diagnostics``: extra zygote settings for tests (``trace_cuda``: a file for the CUDA call trace,
+        ``cuda_guard``: False to let CUDA calls through so the trace can show them)."""
         self._python = python
         self._comfyui_dir = comfyui_dir
         self._modules_dir = data_dir / "launcher"
         self._comfy_args = list(comfy_args)
         self._env = dict(env)
         self._gc_freeze = gc_freeze
+        self._diagnostics = dict(diagnostics or {})
         self._proc: asyncio.subprocess.Process | None = None
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._children: dict[int, _Child] = {}
         self._gone: asyncio.Future[None] | None = None
+        self.busy = False  # the parent is importing: it reaps (and reports) its children only afterwards
         self.marker = ""  # the parent's tree marker: what /proc shows in every child's environ (leftover.py)
         self.preloaded: dict[str, Any] | None = None  # the parent's report once it has imported the module list
 
@@ -76,7 +80,7 @@ class ForkLauncher:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.marker = uuid.uuid4().hex
         config = {"control_fd": theirs.fileno(), "comfyui_dir": str(self._comfyui_dir),
-                  "modules_dir": str(self._modules_dir), "comfy_args": self._comfy_args, "gc_freeze": self._gc_freeze}
+                  "modules_dir": str(self._modules_dir), "comfy_args": self._comfy_args, "gc_freeze": self._gc_freeze, **self._diagnostics}
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 self._python, str(ZYGOTE_SCRIPT), json.dumps(config), pass_fds=(theirs.fileno(),),
@@ -106,7 +110,7 @@ class ForkLauncher:
         args = [*argv[2:]] + ([] if NO_CUDA_MALLOC in argv else [NO_CUDA_MALLOC])
         request = {"op": "fork", "main": argv[1], "argv": args, "cwd": cwd, "env": comfy_env(env, marker)}
         exited: asyncio.Future[None] = loop.create_future()
-        child = _Child(exited)
+        child = _Child(exited, lambda: self.busy and self.alive)
         pipes = [os.pipe(), os.pipe()]
         try:
             socket.send_fds(self._sock, [(json.dumps(request) + "\n").encode()], [pipes[0][1], pipes[1][1]])
@@ -164,7 +168,10 @@ class ForkLauncher:
             child = self._children.pop(int(message["pid"]), None)
             if child is not None:
                 child.set_status(int(message["status"]))
+        elif op == "preloading":
+            self.busy = True
         elif op == "preloaded":
+            self.busy = False
             self.preloaded = message
             log.info("the launcher's parent has imported %d modules in %.2f s (%d left to the child%s)",
                      message.get("modules", 0), message.get("seconds", 0.0), len(message.get("failed", [])),
@@ -184,6 +191,7 @@ class ForkLauncher:
             self._sock = None
         if self._gone is not None and not self._gone.done():
             self._gone.set_result(None)
+        self.busy = False
         for pid in list(self._children):
             log.warning("the launcher's parent (pid %s) is gone; killing ComfyUI (pid %d) so both start again",
                         self.pid, pid)
@@ -192,6 +200,8 @@ class ForkLauncher:
     async def close(self, timeout: float = 5.0) -> None:
         """Stop the parent: end of file on its socket, then SIGKILL if it lingers. Its children are not touched."""
         proc = self._proc
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)  # asked for: not a death to report
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
@@ -221,8 +231,9 @@ class _Child:
     """One forked ComfyUI as the supervisor sees it: exit noticed through its pidfd (or the parent's report),
     status from the parent (which reaps it)."""
 
-    def __init__(self, exited: asyncio.Future[None]) -> None:
+    def __init__(self, exited: asyncio.Future[None], parent_busy: Callable[[], bool]) -> None:
         self.exited = exited
+        self._parent_busy = parent_busy
         self.returncode: int | None = None
         self.transports: list[asyncio.BaseTransport] = []
         self._pidfd: int | None = None
@@ -240,7 +251,13 @@ class _Child:
         self._stop_watching()
         if self.returncode is None and self._loop is not None:
             # it has ended; its status comes from the parent a moment later, unless the parent is gone too
-            self._loop.call_later(EXIT_STATUS_WAIT_S, self._resolve)
+            self._loop.call_later(EXIT_STATUS_WAIT_S, self._resolve_unless_parent_busy)
+
+    def _resolve_unless_parent_busy(self) -> None:
+        if self._parent_busy() and self._loop is not None:
+            self._loop.call_later(EXIT_STATUS_WAIT_S, self._resolve_unless_parent_busy)
+        else:
+            self._resolve()
 
     def set_status(self, code: int) -> None:
         self.returncode = code

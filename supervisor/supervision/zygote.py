@@ -49,6 +49,7 @@ PARENT_PID = os.getpid()
 # torch.cuda functions that never reach the driver: everything else is refused in the parent.
 CUDA_SAFE = frozenset({"is_initialized", "_is_in_bad_fork", "_is_compiled", "_lazy_call"})
 STABLE_AFTER_S = 1.0  # the child records its modules once their count has not grown for this long
+LIST_POLL_S = 1.0  # how often the idle parent looks for a longer module list
 
 
 class CudaInParent(RuntimeError):
@@ -82,26 +83,35 @@ def third_party_modules(comfyui_dir: str) -> list[str]:
 
 
 def record_modules_when_stable(path: str, comfyui_dir: str) -> None:
-    """In the child: once ComfyUI's imports have settled, write the third-party module list for the next parent."""
+    """In the child: whenever ComfyUI's imports have settled at a new high (start-up, then a first prompt's lazy
+    imports), write the third-party module list for the parent, which imports what it does not have yet."""
 
     def run() -> None:
-        last, since = -1, time.monotonic()
+        last, since, written = -1, time.monotonic(), 0
         while True:
             time.sleep(0.25)
             count = len(sys.modules)
             if count != last:
                 last, since = count, time.monotonic()
-            elif time.monotonic() - since >= STABLE_AFTER_S:
-                break
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump({"modules": third_party_modules(comfyui_dir)}, fh)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+            elif count > written and time.monotonic() - since >= STABLE_AFTER_S:
+                written = count
+                _write_list(path, third_party_modules(comfyui_dir))
 
     threading.Thread(target=run, name="zygote-record-modules", daemon=True).start()
+
+
+def _write_list(path: str, modules: list[str]) -> None:
+    known = read_module_list(path)
+    merged = known + [m for m in modules if m not in set(known)]  # never shrinks: a lazy import stays known
+    if len(merged) == len(known):
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"modules": merged}, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def environment_key(comfyui_dir: str) -> str:
@@ -199,9 +209,11 @@ class CudaGuard:
 
     def __init__(self) -> None:
         self.refused: list[str] = []
+        self.installed = False
         self._originals: list[tuple[object, str, object]] = []
 
     def install(self, torch: object) -> None:
+        self.installed = True
         cuda, c = torch.cuda, torch._C  # type: ignore[attr-defined]
         for name in dir(cuda):
             fn = getattr(cuda, name, None)
@@ -231,15 +243,44 @@ class CudaGuard:
         self._originals.clear()
 
 
-def preload(names: list[str], guard: CudaGuard) -> tuple[int, list[str]]:
+class CudaTracer:
+    """Diagnostics (the CUDA-safety test): records every call into torch.cuda's code or a ``torch._C._cuda_*``
+    binding made in this process, on any thread, independently of :class:`CudaGuard`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.calls: list[str] = []
+        sys.setprofile(self._profile)
+        threading.setprofile(self._profile)
+
+    def _profile(self, frame: object, event: str, arg: object) -> None:
+        if os.getpid() != PARENT_PID:
+            return
+        if event == "call":
+            code = frame.f_code  # type: ignore[attr-defined]
+            # functions only: a module's or a class's body running at import calls nothing by itself
+            if code.co_flags & 0x1 and f"{os.sep}torch{os.sep}cuda{os.sep}" in code.co_filename:
+                self.calls.append(f"torch.cuda:{code.co_name}")
+        elif event == "c_call" and getattr(arg, "__name__", "").startswith("_cuda_"):
+            owner = getattr(arg, "__module__", None) or type(getattr(arg, "__self__", None)).__name__
+            self.calls.append(f"{owner}.{arg.__name__}")  # type: ignore[attr-defined]
+
+    def save(self) -> None:
+        with open(self.path, "w", encoding="utf-8") as fh:
+            json.dump({"calls": self.calls}, fh)
+
+
+def preload(names: list[str], guard: CudaGuard | None) -> tuple[int, list[str]]:
     """Import ``names`` in order (torch first, guarded at once); returns how many are loaded and what failed."""
     failed: list[str] = []
     if "torch" in names:
         try:
-            guard.install(importlib.import_module("torch"))
+            importlib.import_module("torch")
         except Exception:  # noqa: BLE001 - a torch that cannot import is the child's to report
             failed.append("torch")
     for name in names:
+        if guard is not None and not guard.installed and "torch" in sys.modules:
+            guard.install(sys.modules["torch"])
         if name in sys.modules:
             continue
         try:
@@ -254,7 +295,7 @@ def preload(names: list[str], guard: CudaGuard) -> tuple[int, list[str]]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def become_comfyui(request: dict, fds: list[int], keep: set[int], guard: CudaGuard, extra_env: dict[str, str],
+def become_comfyui(request: dict, fds: list[int], guard: CudaGuard, extra_env: dict[str, str],
                    record_to: str | None, comfyui_dir: str) -> None:
     """In the freshly forked child: become the process ``python main.py ARGV`` would be, then run it. Never returns."""
     code = 1
@@ -267,11 +308,13 @@ def become_comfyui(request: dict, fds: list[int], keep: set[int], guard: CudaGua
         os.dup2(devnull, 0)
         os.dup2(fds[0], 1)
         os.dup2(fds[1], 2)
-        _close_inherited(keep)
+        _close_inherited()
         os.environ.clear()
         os.environ.update(request["env"])  # CUDA_VISIBLE_DEVICES and the instance's settings before any CUDA use
         os.environ.update(extra_env)
         guard.remove()
+        sys.setprofile(None)
+        threading.setprofile(None)  # type: ignore[arg-type]
         _reseed()
         logging = sys.modules.get("logging")
         if logging is not None:  # a preloaded library may have configured the root logger: ComfyUI does its own
@@ -306,11 +349,11 @@ def become_comfyui(request: dict, fds: list[int], keep: set[int], guard: CudaGua
         os._exit(code)
 
 
-def _close_inherited(keep: set[int]) -> None:
+def _close_inherited() -> None:
     """Close every fd but 0-2: the parent's sockets, pipes and files are not ComfyUI's."""
     for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
         fd = int(name)
-        if fd > 2 and fd not in keep:
+        if fd > 2:
             try:
                 os.close(fd)
             except OSError:
@@ -341,12 +384,17 @@ class Zygote:
     def __init__(self, config: dict) -> None:
         self.sock = socket.socket(fileno=config["control_fd"])
         self.comfyui_dir = config["comfyui_dir"]
-        self.modules_file = os.path.join(config["modules_dir"], f"modules-{environment_key(self.comfyui_dir)}.json")
+        self.modules_file = config.get("modules_file") or os.path.join(
+            config["modules_dir"], f"modules-{environment_key(self.comfyui_dir)}.json")
+        self.guarded = bool(config.get("cuda_guard", True))
+        self.tracer = CudaTracer(config["trace_cuda"]) if config.get("trace_cuda") else None
         self.gc_freeze = bool(config.get("gc_freeze", True))
         self.guard = CudaGuard()
         self.extra_env = cuda_malloc_env(self.comfyui_dir, list(config.get("comfy_args", [])))
         os.environ.update(self.extra_env)
         self.preloaded = False
+        self.list_stamp: int | None = None
+        self.failed: set[str] = set()
         self.buffer = b""
         self.children: set[int] = set()
         self.wake_r, wake_w = os.pipe()
@@ -364,25 +412,37 @@ class Zygote:
             self.sock.sendall(data)
 
     def maybe_preload(self) -> None:
-        if self.preloaded:
+        """Import what the module list names and we do not have yet (the list grows as children record it)."""
+        try:
+            stamp = os.stat(self.modules_file).st_mtime_ns
+        except OSError:
             return
-        names = read_module_list(self.modules_file)
+        if stamp == self.list_stamp:
+            return
+        self.list_stamp = stamp
+        names = [n for n in read_module_list(self.modules_file) if n not in sys.modules and n not in self.failed]
         if not names:
             return
-        self.preloaded = True
         started = time.monotonic()
-        loaded, failed = preload(names, self.guard)
+        self.send({"op": "preloading", "modules": len(names)})  # exits are reported late until "preloaded"
+        if self.gc_freeze:
+            gc.unfreeze()
+        loaded, failed = preload(names, self.guard if self.guarded else None)
+        if self.tracer is not None:
+            self.tracer.save()
+        self.failed.update(failed)
         gc.collect()
         if self.gc_freeze:
             gc.freeze()  # a child's collector would otherwise touch (and so copy) every inherited object
-        self.send({"op": "preloaded", "modules": loaded, "failed": failed, "cuda_refused": sorted(set(self.guard.refused)),
-                   "seconds": round(time.monotonic() - started, 3), "threads": threading.active_count()})
+        self.preloaded = True
+        self.send({"op": "preloaded", "modules": loaded, "total": len(sys.modules), "failed": failed,
+                   "cuda_refused": sorted(set(self.guard.refused)), "seconds": round(time.monotonic() - started, 3),
+                   "threads": threading.active_count()})
 
     def run(self) -> None:
         self.maybe_preload()
         while True:
-            timeout = None if self.preloaded else 0.5
-            ready, _, _ = select.select([self.sock, self.wake_r], [], [], timeout)
+            ready, _, _ = select.select([self.sock, self.wake_r], [], [], LIST_POLL_S)
             if self.wake_r in ready:
                 try:
                     os.read(self.wake_r, 512)
@@ -416,13 +476,13 @@ class Zygote:
         if len(fds) != 2:
             self.send({"op": "error", "message": f"a fork request needs 2 fds (stdout, stderr), got {len(fds)}"})
             return
-        record_to = None if self.preloaded else self.modules_file
+        record_to = self.modules_file
         if threading.active_count() > 1:
             names = ", ".join(t.name for t in threading.enumerate())
             self.send({"op": "warning", "message": f"forking with {threading.active_count()} threads: {names}"})
         pid = os.fork()
         if pid == 0:
-            become_comfyui(request, fds, set(fds), self.guard, self.extra_env, record_to, self.comfyui_dir)
+            become_comfyui(request, fds, self.guard, self.extra_env, record_to, self.comfyui_dir)
         for fd in fds:
             os.close(fd)
         self.children.add(pid)
