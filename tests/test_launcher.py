@@ -235,3 +235,39 @@ async def test_the_real_comfyuis_third_party_modules_make_no_cuda_call_in_the_pa
         proc.close()
     finally:
         await launcher.close()
+
+
+@pytest.mark.real
+async def test_a_forked_real_comfyui_restarts_in_a_fraction_of_its_cold_boot(tmp_path: Path, comfy: ComfyTarget) -> None:
+    """kill -9 -> ready again, forked from the preloaded parent: a generous bound (the benchmark measures it)."""
+    if not comfy.is_real:
+        pytest.skip("the stand-in's cold boot is too short to compare (scripts/bench.py measures it)")
+    import os
+    import signal
+    import statistics
+    import time
+
+    from tests.helpers.worker import running_supervisor, worker_env
+
+    env = worker_env(tmp_path, COMFYUI_LAUNCH="fork", CRASH_LOOP_WINDOW_S="1", **comfy.env)
+    with running_supervisor(env) as sup:
+        started = time.monotonic()
+        await sup.wait_ready(comfy.start_timeout_s)
+        cold = time.monotonic() - started
+        for _ in range(int(comfy.start_timeout_s * 10)):
+            info = sup.launcher_info()
+            if info and info["preloaded"]:
+                break
+            await asyncio.sleep(0.1)
+        assert info and info["preloaded"] and info["preloaded"]["modules"] > 1000, info
+        restarts = []
+        for _ in range(3):
+            await asyncio.sleep(1.1)  # each kill a first failure: restarted at once
+            status = sup.status()
+            killed = time.monotonic()
+            os.kill(status.pid, signal.SIGKILL)
+            await sup.wait_exit(status.generation)
+            again = await sup.wait_ready(comfy.start_timeout_s)
+            restarts.append(time.monotonic() - killed)
+            assert again.generation == status.generation + 1 and again.pid != status.pid
+        assert statistics.median(restarts) < 0.6 * cold, (restarts, cold)

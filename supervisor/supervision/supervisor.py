@@ -138,6 +138,13 @@ class ComfySupervisor:
         with self._lock:
             return self._status_locked()
 
+    def launcher_info(self) -> dict[str, Any] | None:
+        """Fork mode: the launcher's parent (pid) and its last preload report (None before one); None in exec mode."""
+        launcher = self._launcher
+        if launcher is None:
+            return None
+        return {"pid": launcher.pid, "preloaded": launcher.preloaded}
+
     def log_tail(self, n: int = 20) -> list[str]:
         return self._ring.explanatory_tail(n)
 
