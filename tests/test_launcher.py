@@ -271,3 +271,29 @@ async def test_a_forked_real_comfyui_restarts_in_a_fraction_of_its_cold_boot(tmp
             restarts.append(time.monotonic() - killed)
             assert again.generation == status.generation + 1 and again.pid != status.pid
         assert statistics.median(restarts) < 0.6 * cold, (restarts, cold)
+
+
+async def test_an_interpreter_the_parent_cannot_run_in_falls_back_to_exec(tmp_path: Path) -> None:
+    """COMFYUI_PYTHON that cannot run the launcher's parent (here: one that exits at once, as a too old Python
+    would at its syntax) still starts ComfyUI, with exec, and says so once."""
+    import logging
+
+    from tests.helpers.worker import running_supervisor, worker_env
+
+    python = tmp_path / "python"
+    # runs main.py like the worker's interpreter, but refuses the launcher's script
+    python.write_text(f"#!/bin/sh\ncase \"$1\" in *zygote.py) echo 'SyntaxError: invalid syntax' >&2; exit 1;; esac\n"
+                      f"exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("supervisor").addHandler(handler)
+    try:
+        env = worker_env(tmp_path, COMFYUI_LAUNCH="fork", COMFYUI_PYTHON=str(python))
+        with running_supervisor(env) as sup:
+            status = await sup.wait_ready(30)
+            assert status.generation == 1 and sup.launcher_info() is None
+        assert any("fork mode does not work with" in r and "started with exec from now on" in r for r in records), records
+    finally:
+        logging.getLogger("supervisor").removeHandler(handler)

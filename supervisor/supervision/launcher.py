@@ -61,6 +61,7 @@ class ForkLauncher:
         self._replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._children: dict[int, _Child] = {}
         self._gone: asyncio.Future[None] | None = None
+        self.forks = 0  # children forked so far: a parent that never forked one may not work here at all
         self.busy = False  # the parent is importing: it reaps (and reports) its children only afterwards
         self.marker = ""  # the parent's tree marker: what /proc shows in every child's environ (leftover.py)
         self.preloaded: dict[str, Any] | None = None  # the parent's report once it has imported the module list
@@ -127,6 +128,7 @@ class ForkLauncher:
                 os.close(r)
             raise LaunchError(f"the launcher's parent refused to fork: {reply.get('message', reply)}")
         pid = int(reply["pid"])
+        self.forks += 1
         self._children[pid] = child
         protocol = LineProtocol(sink, loop.create_future())
         for fd, (r, _) in ((1, pipes[0]), (2, pipes[1])):

@@ -382,8 +382,17 @@ class ComfySupervisor:
         """Start one ComfyUI: forked from the launcher's parent (COMFYUI_LAUNCH=fork) or exec'd afresh."""
         s = self.settings
         if self._launcher is not None:
-            return await self._launcher.fork(self._argv(), cwd=str(s.comfyui_dir), env=s.child_env, marker=marker,
-                                             sink=self._on_line, timeout=s.start_timeout_s)
+            try:
+                return await self._launcher.fork(self._argv(), cwd=str(s.comfyui_dir), env=s.child_env,
+                                                 marker=marker, sink=self._on_line, timeout=s.start_timeout_s)
+            except LaunchError as exc:
+                if self._launcher.forks:
+                    raise  # it has worked here: a failure like a crash (restarted, counted)
+                # never worked with this interpreter (too old, not CPython, ...): exec as before, for good
+                log.warning("fork mode does not work with %s (%s); %s is started with exec from now on",
+                            s.comfyui_python, exc, self._who)
+                await self._launcher.close()
+                self._launcher = None
         return await ComfyProcess.spawn(self._argv(), cwd=str(s.comfyui_dir), env=s.child_env, marker=marker,
                                         sink=self._on_line)
 
