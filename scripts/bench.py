@@ -773,9 +773,7 @@ def measure(bench: BenchEnv) -> dict[str, Any]:
         "first_job_penalty_ms": summary(first),
         **{k: summary(v) for k, v in timings.items()},
         "comfyui_start_alone_s": summary(alone),
-        "launch": {m: {k: summary(v) for k, v in figs.items()} for m, figs in launch.items()},
-        "launch_fork_restart_vs_cold_boot": round(statistics.median(launch["fork"]["restart_to_ready_s"])
-                                                  / statistics.median(launch["exec"]["cold_boot_s"]), 3),
+        **launch_figures(launch),
         "throughput_jobs_s": nest({k: summary(v) for k, v in rates.items()}),
         "worker_rss_mb": summary(rss),
     }
@@ -823,11 +821,34 @@ def missing_keys(result: dict[str, Any], required: Sequence[str]) -> list[str]:
     return bad
 
 
+def launch_figures(launch: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    return {
+        "launch": {m: {k: summary(v) for k, v in figs.items()} for m, figs in launch.items()},
+        "launch_fork_restart_vs_cold_boot": round(statistics.median(launch["fork"]["restart_to_ready_s"])
+                                                  / statistics.median(launch["exec"]["cold_boot_s"]), 3),
+    }
+
+
+def launch_only(benches: Sequence[BenchEnv], json_path: Path) -> int:
+    """``--launch-only``: exec vs fork on every ComfyUI, in one run; a table on stdout, the figures in ``json_path``."""
+    results = {}
+    for bench in benches:
+        with tempfile.TemporaryDirectory(prefix="bench-launch-") as tmp:
+            results[bench.name] = launch_figures(launch_modes(bench, Path(tmp)))
+    print(table(results))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                                     **results}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, small sizes (CI)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--launch-only", action="store_true",
+                        help="only the launch figures (exec vs fork), printed and written to --json; docs untouched")
     args = parser.parse_args(argv)
     benches = [BenchEnv.standin(args.quick)]
     real = BenchEnv.real(args.quick)
@@ -837,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: only the stand-in is measured: {not_prepared_message()}", flush=True)
     else:
         benches.append(real)
+    if args.launch_only:
+        return launch_only(benches, args.json)
     results = {b.name: measure(b) for b in benches}
     results["stand-in"].update(measure_fetch(args.quick))
     meta = {
