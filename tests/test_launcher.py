@@ -297,3 +297,28 @@ async def test_an_interpreter_the_parent_cannot_run_in_falls_back_to_exec(tmp_pa
         assert any("fork mode does not work with" in r and "started with exec from now on" in r for r in records), records
     finally:
         logging.getLogger("supervisor").removeHandler(handler)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("flags", [[], ["--cuda-malloc"], ["--disable-cuda-malloc"]])
+def test_the_parents_cuda_malloc_decision_is_comfyuis_own(flags: list[str], comfy: ComfyTarget) -> None:
+    """The allocator setting the parent applies before importing torch equals what ComfyUI's cuda_malloc.py sets
+    in an exec'd ComfyUI, for the same flags, in the same interpreter."""
+    if not comfy.is_real:
+        pytest.skip("the stand-in has no cuda_malloc.py")
+    import subprocess
+
+    from supervisor.supervision import launcher
+
+    env = {"PATH": "/usr/bin:/bin"}
+    theirs = subprocess.run(
+        [comfy.python, "-c", "import os, sys; sys.argv = ['main.py', *sys.argv[1:]]; import comfy.options; "
+         "comfy.options.enable_args_parsing(); import cuda_malloc; "
+         "print('CONF', os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))", *flags],
+        cwd=comfy.comfyui_dir, env=env, capture_output=True, text=True, timeout=120, check=True)
+    ours = subprocess.run(
+        [comfy.python, "-c", f"import sys; sys.path.insert(0, {str(launcher.ZYGOTE_SCRIPT.parent)!r}); import zygote; "
+         f"print('CONF', zygote.cuda_malloc_env({str(comfy.comfyui_dir)!r}, sys.argv[1:]).get('PYTORCH_CUDA_ALLOC_CONF'))",
+         *flags], env=env, capture_output=True, text=True, timeout=120, check=True)
+    conf = [line for line in theirs.stdout.splitlines() if line.startswith("CONF ")]
+    assert conf and conf[-1] == ours.stdout.strip(), (theirs.stdout, ours.stdout)
