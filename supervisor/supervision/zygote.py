@@ -400,16 +400,23 @@ class Zygote:
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sending = False
+        # a child's end is reported from the handler, so also while the parent is busy importing (Python runs it
+        # between two bytecodes); a send it would interrupt is finished first and the loop reports it then
+        signal.signal(signal.SIGCHLD, lambda *_: None if self.sending else self.reap())
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the group's SIGINT is ComfyUI's, never ours
         self.wake_w = wake_w
 
     def send(self, message: dict, fds: list[int] | None = None) -> None:
         data = (json.dumps(message) + "\n").encode()
-        if fds:
-            socket.send_fds(self.sock, [data], fds)
-        else:
-            self.sock.sendall(data)
+        was, self.sending = self.sending, True
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], fds)
+            else:
+                self.sock.sendall(data)
+        finally:
+            self.sending = was
 
     def maybe_preload(self) -> None:
         """Import what the module list names and we do not have yet (the list grows as children record it)."""
@@ -489,6 +496,8 @@ class Zygote:
         self.send({"op": "forked", "pid": pid})
 
     def reap(self) -> None:
+        if not self.children:
+            return
         for pid in list(self.children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
