@@ -117,7 +117,8 @@ class Probe:
         raise AssertionError("the launcher's parent never preloaded the recorded modules")
 
 
-def _real_python() -> str:
+def _real() -> ComfyTarget:
+    """The real ComfyUI (these tests are about its interpreter and its modules; the stand-in has neither)."""
     from tests.helpers.comfy_targets import real_target
 
     target = real_target()
@@ -125,7 +126,11 @@ def _real_python() -> str:
         from tests.helpers.real_comfyui import not_prepared_message
 
         pytest.fail(not_prepared_message())
-    return target.python
+    return target
+
+
+def _real_python() -> str:
+    return _real().python
 
 
 async def test_a_forked_child_is_its_own_process_with_only_its_own_fds(tmp_path: Path) -> None:
@@ -203,12 +208,9 @@ async def test_the_cuda_trace_sees_a_call_when_the_guard_is_off(tmp_path: Path) 
 
 
 @pytest.mark.real
-async def test_the_real_comfyuis_third_party_modules_make_no_cuda_call_in_the_parent(
-    tmp_path: Path, comfy: ComfyTarget
-) -> None:
+async def test_the_real_comfyuis_third_party_modules_make_no_cuda_call_in_the_parent(tmp_path: Path) -> None:
     """The module list a real ComfyUI boot recorded, imported in the parent with the guard off and traced."""
-    if not comfy.is_real:
-        pytest.skip("the real ComfyUI's modules")
+    comfy = _real()
     trace = tmp_path / "trace.json"
     data = tmp_path / "data"
     for sub in ("input", "output", "user"):
@@ -238,10 +240,10 @@ async def test_the_real_comfyuis_third_party_modules_make_no_cuda_call_in_the_pa
 
 
 @pytest.mark.real
-async def test_a_forked_real_comfyui_restarts_in_a_fraction_of_its_cold_boot(tmp_path: Path, comfy: ComfyTarget) -> None:
-    """kill -9 -> ready again, forked from the preloaded parent: a generous bound (the benchmark measures it)."""
-    if not comfy.is_real:
-        pytest.skip("the stand-in's cold boot is too short to compare (scripts/bench.py measures it)")
+async def test_a_forked_real_comfyui_restarts_in_a_fraction_of_its_cold_boot(tmp_path: Path) -> None:
+    """kill -9 -> ready again, forked from the preloaded parent: a generous bound (the benchmark measures it; the
+    stand-in's 0.4 s boot is too short to compare)."""
+    comfy = _real()
     import os
     import signal
     import statistics
@@ -301,11 +303,10 @@ async def test_an_interpreter_the_parent_cannot_run_in_falls_back_to_exec(tmp_pa
 
 @pytest.mark.real
 @pytest.mark.parametrize("flags", [[], ["--cuda-malloc"], ["--disable-cuda-malloc"]])
-def test_the_parents_cuda_malloc_decision_is_comfyuis_own(flags: list[str], comfy: ComfyTarget) -> None:
+def test_the_parents_cuda_malloc_decision_is_comfyuis_own(flags: list[str]) -> None:
     """The allocator setting the parent applies before importing torch equals what ComfyUI's cuda_malloc.py sets
     in an exec'd ComfyUI, for the same flags, in the same interpreter."""
-    if not comfy.is_real:
-        pytest.skip("the stand-in has no cuda_malloc.py")
+    comfy = _real()
     import subprocess
 
     from supervisor.supervision import launcher
