@@ -28,7 +28,8 @@ import atexit, json, logging, os, random, sys, time
 early = sorted(m for m in ("numpy", "torch", "touches_cuda", "configures_logging", "registers_atexit") if m in sys.modules)
 report = {"preloaded": early, "fds": sorted(int(f) for f in os.listdir("/proc/self/fd")),
           "handlers": len(logging.root.handlers), "random": random.random(), "argv": sys.argv[1:],
-          "cwd": os.getcwd(), "probe": os.environ.get("PROBE"), "pid": os.getpid(), "path0": sys.path[0]}
+          "cwd": os.getcwd(), "probe": os.environ.get("PROBE"), "pid": os.getpid(), "path0": sys.path[0],
+          "cmdline": open("/proc/self/cmdline").read().rstrip("\0").split("\0")}
 for name in os.environ.get("PROBE_IMPORTS", "").split(","):
     if name:
         __import__(name)
@@ -146,6 +147,8 @@ async def test_a_forked_child_is_its_own_process_with_only_its_own_fds(tmp_path:
             assert report["handlers"] == 0  # the parent's preloaded logging set-up is not inherited
             assert set(report["preloaded"]) == {"configures_logging", "registers_atexit"}
             assert report["argv"] == ["--port", "1", "--disable-cuda-malloc"]
+            # what ps and psutil show is ComfyUI's command line, not the parent's
+            assert report["cmdline"] == [sys.executable, str(probe.comfy / "main.py"), *report["argv"]]
             assert report["cwd"] == str(probe.comfy) and report["path0"] == str(probe.comfy)
         assert (first["probe"], second["probe"]) == ("one", "two")  # each its own environment
         assert first["random"] != second["random"]

@@ -32,6 +32,8 @@ log = logging.getLogger("supervisor.launcher")
 
 ZYGOTE_SCRIPT = Path(__file__).with_name("zygote.py")
 NO_CUDA_MALLOC = "--disable-cuda-malloc"  # the parent took ComfyUI's cuda_malloc decision before importing torch
+# room in the parent's argv, which each child overwrites with ComfyUI's command line (/proc/PID/cmdline, ps)
+CMDLINE_ROOM = " " * 8192
 EXIT_STATUS_WAIT_S = 0.5  # after the child's pidfd fires: how long to wait for the parent's report of its status
 
 
@@ -84,7 +86,7 @@ class ForkLauncher:
                   "modules_dir": str(self._modules_dir), "comfy_args": self._comfy_args, "gc_freeze": self._gc_freeze, **self._diagnostics}
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                self._python, str(ZYGOTE_SCRIPT), json.dumps(config), pass_fds=(theirs.fileno(),),
+                self._python, str(ZYGOTE_SCRIPT), json.dumps(config), CMDLINE_ROOM, pass_fds=(theirs.fileno(),),
                 env=comfy_env(self._env, self.marker), cwd=str(self._comfyui_dir),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
@@ -109,7 +111,7 @@ class ForkLauncher:
         assert self._sock is not None and self._gone is not None
         loop = asyncio.get_running_loop()
         args = [*argv[2:]] + ([] if NO_CUDA_MALLOC in argv else [NO_CUDA_MALLOC])
-        request = {"op": "fork", "main": argv[1], "argv": args, "cwd": cwd, "env": comfy_env(env, marker)}
+        request = {"op": "fork", "python": argv[0], "main": argv[1], "argv": args, "cwd": cwd, "env": comfy_env(env, marker)}
         exited: asyncio.Future[None] = loop.create_future()
         child = _Child(exited, lambda: self.busy and self.alive)
         pipes = [os.pipe(), os.pipe()]

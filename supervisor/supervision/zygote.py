@@ -322,6 +322,7 @@ def become_comfyui(request: dict, fds: list[int], guard: CudaGuard, extra_env: d
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(line_buffering=True, write_through=True)  # as PYTHONUNBUFFERED=1 does
         os.chdir(request["cwd"])
+        show_command_line([request.get("python", sys.executable), request["main"], *request["argv"]])
         main = request["main"]
         sys.argv = [main, *request["argv"]]
         sys.path[0:0] = [os.path.dirname(os.path.abspath(main))]
@@ -347,6 +348,23 @@ def become_comfyui(request: dict, fds: list[int], guard: CudaGuard, extra_env: d
                 pass
         # never run the parent's exit handlers (torch's would delete the parent's temporary files)
         os._exit(code)
+
+
+def show_command_line(argv: list[str]) -> None:
+    """Make ``/proc/PID/cmdline`` (``ps``, psutil) show ComfyUI's command line instead of the parent's: written
+    over the parent's argv strings (the launcher pads them to make room), found through /proc/self/stat."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48 and 49 of proc(5))
+        data = b"\0".join(a.encode("utf-8", "surrogateescape") for a in argv) + b"\0"
+        if len(data) > end - start:
+            return  # no room: the parent's command line stays
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(data + b"\0" * (end - start - len(data)))
+    except (OSError, ValueError, IndexError):
+        pass
 
 
 def _close_inherited() -> None:
