@@ -51,6 +51,8 @@ TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "ready_detect_ms": ("<= 60 ms", lambda v: v <= 60),
     "crash_detect_ms": ("<= 100 ms", lambda v: v <= 100),
     "restart_overhead_s": ("<= 0.5 s", lambda v: v <= 0.5),
+    "launch.fork.restart_to_ready_s": ("<= 1.0 s", lambda v: v <= 1.0),
+    "launch_fork_restart_vs_cold_boot": ("<= 0.3", lambda v: v <= 0.3),
     "metrics_overhead_ratio": ("<= 1.05", lambda v: v <= 1.05),
     "fetch_hash_overhead_pct.link_200MiBs": ("<= 5 %", lambda v: v <= 5),
     "fetch_hash_overhead_pct.loopback_unthrottled": ("<= 5 %", lambda v: v <= 5),
@@ -200,7 +202,7 @@ def supervisor_timings(bench: BenchEnv, work: Path, alone_median_s: float) -> di
     ready, crash, restart = [], [], []
     for i in range(bench.repeats(5, 2)):
         # a 1 s crash window and a pause between kills: every kill is a first failure, restarted at once
-        settings = load_settings(worker_environ(bench, work / f"sup{i}", CRASH_LOOP_WINDOW_S=1))
+        settings = load_settings(worker_environ(bench, work / f"sup{i}", CRASH_LOOP_WINDOW_S=1, COMFYUI_LAUNCH="exec"))
         prober = start_prober(settings.comfyui_port)
         rec = Recorder()
         sup = ComfySupervisor(settings)
@@ -209,16 +211,67 @@ def supervisor_timings(bench: BenchEnv, work: Path, alone_median_s: float) -> di
         try:
             ready.append((rec.wait("ready", 0) - prober_result(prober)) * 1000)
             for _ in range(bench.repeats(4, 2)):
-                time.sleep(1.1)
-                pid = sup.status().pid
-                assert pid
-                killed = time.time()
-                os.kill(pid, signal.SIGKILL)
+                killed = kill_comfyui(sup)
                 crash.append((rec.wait("restarting", killed) - killed) * 1000)
                 restart.append(rec.wait("ready", killed) - killed - alone_median_s)
         finally:
             sup.stop()
     return {"ready_detect_ms": ready, "crash_detect_ms": crash, "restart_overhead_s": restart}
+
+
+def kill_comfyui(sup: ComfySupervisor) -> float:
+    """kill -9 of the serving ComfyUI, 1.1 s after the last (with a 1 s crash window: a first failure, restarted at
+    once); the wall-clock time of the kill."""
+    time.sleep(1.1)
+    pid = sup.status().pid
+    assert pid
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    return killed
+
+
+def launch_modes(bench: BenchEnv, work: Path) -> dict[str, dict[str, list[float]]]:
+    """cold_boot_s (worker start to ready), restart_to_ready_s (kill -9 to ready again) and pss_mb (ComfyUI, plus
+    the launcher's parent in fork mode), for COMFYUI_LAUNCH=exec and fork side by side, alternating rounds."""
+    modes = {"exec": {"COMFYUI_LAUNCH": "exec"}, "fork": {"COMFYUI_LAUNCH": "fork"}}
+    if not bench.quick:  # the tuning, measured: fork without gc.freeze() in the parent
+        modes["fork_no_gc_freeze"] = {"COMFYUI_LAUNCH": "fork", "COMFYUI_LAUNCH_GC_FREEZE": "false"}
+    out: dict[str, dict[str, list[float]]] = {m: {"cold_boot_s": [], "restart_to_ready_s": [], "pss_mb": []}
+                                              for m in modes}
+    for i in range(bench.repeats(2, 1)):
+        for mode, variables in modes.items():
+            # a fresh DATA_DIR: the fork parent starts with no module list (the first boot records it)
+            settings = load_settings(worker_environ(bench, work / f"launch-{mode}{i}", CRASH_LOOP_WINDOW_S=1,
+                                                    **variables))
+            rec = Recorder()
+            sup = ComfySupervisor(settings)
+            sup.add_listener(rec)
+            started = time.time()
+            sup.start()
+            try:
+                out[mode]["cold_boot_s"].append(rec.wait("ready", started, 120) - started)
+                if variables["COMFYUI_LAUNCH"] == "fork":
+                    _wait_preloaded(sup)
+                for _ in range(bench.repeats(5, 2)):
+                    killed = kill_comfyui(sup)
+                    out[mode]["restart_to_ready_s"].append(rec.wait("ready", killed, 120) - killed)
+                time.sleep(1.0)
+                info = sup.launcher_info()
+                pids = [sup.status().pid] + ([info["pid"]] if info else [])
+                out[mode]["pss_mb"].append(sum(psutil.Process(p).memory_full_info().pss for p in pids if p) / 2**20)
+            finally:
+                sup.stop()
+    return out
+
+
+def _wait_preloaded(sup: ComfySupervisor, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = sup.launcher_info()
+        if info and info["preloaded"]:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the launcher's parent did not preload within {timeout} s")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -723,6 +776,7 @@ def measure(bench: BenchEnv) -> dict[str, Any]:
         work = Path(tmp)
         alone = comfy_alone_start_s(bench, work)
         timings = supervisor_timings(bench, work, statistics.median(alone))
+        launch = launch_modes(bench, work)
         clients = overheads(bench, work)
         api, rss, first = api_overhead_and_rss(bench, work)
         with_metrics = metrics_overhead(bench, work) if bench.is_standin else None
@@ -740,6 +794,7 @@ def measure(bench: BenchEnv) -> dict[str, Any]:
         "first_job_penalty_ms": summary(first),
         **{k: summary(v) for k, v in timings.items()},
         "comfyui_start_alone_s": summary(alone),
+        **launch_figures(launch),
         "throughput_jobs_s": nest({k: summary(v) for k, v in rates.items()}),
         "worker_rss_mb": summary(rss),
     }
@@ -766,7 +821,9 @@ def measure_fetch(quick: bool) -> dict[str, Any]:
 COMFY_KEYS = (
     "overhead_ms.api", "overhead_ms.runpod", "runpod_sdk_floor_ms", "floor_overhead_ms", "polling_overhead_ms",
     "polling_ratio", "first_job_penalty_ms", "ready_detect_ms", "crash_detect_ms", "restart_overhead_s",
-    "comfyui_start_alone_s", "throughput_jobs_s.concurrency_1", "throughput_jobs_s.concurrency_2",
+    "comfyui_start_alone_s", "launch.exec.cold_boot_s", "launch.exec.restart_to_ready_s", "launch.exec.pss_mb",
+    "launch.fork.cold_boot_s", "launch.fork.restart_to_ready_s", "launch.fork.pss_mb",
+    "launch_fork_restart_vs_cold_boot", "throughput_jobs_s.concurrency_1", "throughput_jobs_s.concurrency_2",
     "worker_rss_mb",
 )
 # Measured on the stand-in only: what metrics cost the worker, and what a second instance adds (ComfyUI's own
@@ -788,11 +845,34 @@ def missing_keys(result: dict[str, Any], required: Sequence[str]) -> list[str]:
     return bad
 
 
+def launch_figures(launch: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    return {
+        "launch": {m: {k: summary(v) for k, v in figs.items()} for m, figs in launch.items()},
+        "launch_fork_restart_vs_cold_boot": round(statistics.median(launch["fork"]["restart_to_ready_s"])
+                                                  / statistics.median(launch["exec"]["cold_boot_s"]), 3),
+    }
+
+
+def launch_only(benches: Sequence[BenchEnv], json_path: Path) -> int:
+    """``--launch-only``: exec vs fork on every ComfyUI, in one run; a table on stdout, the figures in ``json_path``."""
+    results = {}
+    for bench in benches:
+        with tempfile.TemporaryDirectory(prefix="bench-launch-") as tmp:
+            results[bench.name] = launch_figures(launch_modes(bench, Path(tmp)))
+    print(table(results))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                                     **results}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, small sizes (CI)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--launch-only", action="store_true",
+                        help="only the launch figures (exec vs fork), printed and written to --json; docs untouched")
     args = parser.parse_args(argv)
     benches = [BenchEnv.standin(args.quick)]
     real = BenchEnv.real(args.quick)
@@ -802,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: only the stand-in is measured: {not_prepared_message()}", flush=True)
     else:
         benches.append(real)
+    if args.launch_only:
+        return launch_only(benches, args.json)
     results = {b.name: measure(b) for b in benches}
     results["stand-in"].update(measure_fetch(args.quick))
     meta = {

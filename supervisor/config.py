@@ -176,6 +176,14 @@ def _allowlist_entry(text: str) -> str:
     return text
 
 
+LAUNCH_MODES = ("fork", "exec")
+
+
+def default_launch() -> str:
+    """``fork`` where the launcher works (Linux: pidfds, /proc), ``exec`` elsewhere."""
+    return "fork" if sys.platform.startswith("linux") and hasattr(os, "pidfd_open") else "exec"
+
+
 @dataclass(frozen=True)
 class Settings:
     """The worker's whole configuration. Defaults suit a laptop; the image overrides a few with ``ENV``."""
@@ -187,6 +195,9 @@ class Settings:
     comfyui_port: int = 8188
     comfyui_args: tuple[str, ...] = ()
     comfy_log_level: str = "INFO"
+    # how ComfyUI is started: forked from a pre-imported parent, or exec'd afresh (supervision/launcher.py)
+    comfyui_launch: str = "exec"
+    launch_gc_freeze: bool = True  # fork mode: gc.freeze() in the parent before forking
     data_dir: Path = Path("data").resolve()
     models_dir: Path = Path("/opt/ComfyUI/models")
     volume_models_dir: Path = Path("/runpod-volume/models")
@@ -345,6 +356,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         comfyui_port=r.port("COMFYUI_PORT", 8188),
         comfyui_args=r.argv("COMFYUI_ARGS"),
         comfy_log_level=r.choice("COMFY_LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+        comfyui_launch=r.choice("COMFYUI_LAUNCH", default_launch(), LAUNCH_MODES),
+        launch_gc_freeze=r.boolean("COMFYUI_LAUNCH_GC_FREEZE", True),
         data_dir=data_dir.resolve(),
         models_dir=(r.path("MODELS_DIR", comfyui_dir / "models") or comfyui_dir / "models").resolve(),
         volume_models_dir=r.path("VOLUME_MODELS_DIR", Path("/runpod-volume/models")) or Path("/runpod-volume/models"),
@@ -430,6 +443,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"{s.restart_backoff_s}; accepted: a cap >= the first delay"
         )
     r.problems.extend(_port_clashes(s))
+    if s.comfyui_launch == "fork" and default_launch() != "fork":
+        r.problems.append(f"COMFYUI_LAUNCH=fork needs Linux with os.pidfd_open (this is {sys.platform}, Python "
+                          f"{sys.version.split()[0]}); accepted here: exec")
     if bool(s.bucket_access_key_id) != bool(s.bucket_secret_access_key) or (
         (s.bucket_access_key_id or s.bucket_secret_access_key) and not s.bucket_endpoint_url
     ):

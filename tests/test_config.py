@@ -172,3 +172,15 @@ def test_the_api_port_must_not_be_one_of_comfyuis() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({"COMFYUI_INSTANCES": "4", "COMFYUI_PORT": "65534"})
     assert "COMFYUI_PORT=65534 with 4 instances needs ports up to 65537" in str(info.value)
+
+
+def test_launch_mode_defaults_to_fork_on_linux_and_refuses_anything_else() -> None:
+    import sys
+
+    default = load_settings({})
+    assert default.comfyui_launch == ("fork" if sys.platform.startswith("linux") else "exec")
+    assert default.launch_gc_freeze is True
+    assert load_settings({"COMFYUI_LAUNCH": "EXEC", "COMFYUI_LAUNCH_GC_FREEZE": "false"}).comfyui_launch == "exec"
+    with pytest.raises(ConfigError) as err:
+        load_settings({"COMFYUI_LAUNCH": "spawn"})
+    assert "COMFYUI_LAUNCH" in str(err.value) and "fork, exec" in str(err.value)

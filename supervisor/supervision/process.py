@@ -61,7 +61,7 @@ class LogRing:
         return lines[-n:] if n > 0 else []
 
 
-class _Protocol(asyncio.SubprocessProtocol):
+class LineProtocol(asyncio.SubprocessProtocol):
     """Splits both pipes into lines and resolves ``exited`` the moment the child is reaped."""
 
     def __init__(self, sink: LineSink, exited: asyncio.Future[None]) -> None:
@@ -93,11 +93,17 @@ class _Protocol(asyncio.SubprocessProtocol):
 class ComfyProcess:
     """A running ComfyUI child. Create with :meth:`spawn`; every method runs on the supervisor's loop."""
 
-    def __init__(self, transport: asyncio.SubprocessTransport, exited: asyncio.Future[None], marker: str) -> None:
-        self._transport = transport
+    def __init__(self, pid: int, exited: asyncio.Future[None], marker: str, returncode: Callable[[], int | None],
+                 close: Callable[[], None], environ_marker: str | None = None) -> None:
+        """``exited`` resolves when the process has ended; ``returncode`` is then its code (negative: a signal).
+        Started by :meth:`spawn` (exec) or by the launcher's parent (fork, launcher.py). ``environ_marker`` is the
+        marker other processes read in its ``/proc/PID/environ``: a forked child shows its parent's there."""
         self._exited = exited
+        self._returncode = returncode
+        self._close = close
         self.marker = marker
-        self.pid: int = transport.get_pid()
+        self.environ_marker = environ_marker or marker
+        self.pid = pid
         self.started_at = time.monotonic()
         try:
             self._ps: psutil.Process | None = psutil.Process(self.pid)
@@ -111,9 +117,9 @@ class ComfyProcess:
         """Start ``argv`` in its own session with ``marker`` in its environment; raises OSError if exec fails."""
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[None] = loop.create_future()
-        child_env = {**env, TREE_MARKER_VAR: marker, "PYTHONUNBUFFERED": "1"}
+        child_env = comfy_env(env, marker)
         transport, _ = await loop.subprocess_exec(
-            lambda: _Protocol(sink, exited),
+            lambda: LineProtocol(sink, exited),
             *argv,
             cwd=cwd,
             env=child_env,
@@ -122,7 +128,7 @@ class ComfyProcess:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        return cls(transport, exited, marker)
+        return cls(transport.get_pid(), exited, marker, transport.get_returncode, transport.close)
 
     def is_stopped(self) -> bool:
         """Whether the process is stopped (state T): it cannot make progress until someone continues it."""
@@ -133,12 +139,12 @@ class ComfyProcess:
 
     @property
     def returncode(self) -> int | None:
-        return self._transport.get_returncode()
+        return self._returncode()
 
     async def wait(self) -> ExitStatus:
         """Resolve when the child itself has exited (descendants may live on)."""
         await asyncio.shield(self._exited)
-        code = self._transport.get_returncode()
+        code = self._returncode()
         return ExitStatus.from_returncode(code if code is not None else -signal.SIGKILL)
 
     async def stop(self, timeout: float) -> ExitStatus:
@@ -193,7 +199,12 @@ class ComfyProcess:
         return await asyncio.to_thread(find_tree, self._ps, self.pid, self.marker)
 
     def close(self) -> None:
-        self._transport.close()
+        self._close()
+
+
+def comfy_env(env: Mapping[str, str], marker: str) -> dict[str, str]:
+    """The environment ComfyUI runs with, however it is launched: the worker's, its tree marker, unbuffered output."""
+    return {**env, TREE_MARKER_VAR: marker, "PYTHONUNBUFFERED": "1"}
 
 
 def find_tree(root: psutil.Process | None, pgid: int, marker: str) -> set[psutil.Process]:

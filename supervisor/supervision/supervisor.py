@@ -35,6 +35,7 @@ import aiohttp
 
 from supervisor.config import Settings
 from supervisor.metrics import WorkerMetrics
+from supervisor.supervision.launcher import ForkLauncher, LaunchError
 from supervisor.supervision.leftover import remove_pid_file, write_pid_file
 from supervisor.supervision.model_paths import write_extra_model_paths
 from supervisor.supervision.process import ComfyProcess, ExitStatus, LogRing
@@ -82,6 +83,10 @@ class ComfySupervisor:
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._state_file = StateFileWriter(settings.state_file)
+        self._launcher: ForkLauncher | None = None  # fork mode's pre-imported parent (launcher.py)
+        if settings.comfyui_launch == "fork":
+            self._launcher = ForkLauncher(settings.comfyui_python, settings.comfyui_dir, settings.data_dir,
+                                          settings.comfyui_args, settings.child_env, settings.launch_gc_freeze)
 
     # ------------------------------------------------------------------------------------------------
     # Thread-safe API
@@ -132,6 +137,13 @@ class ComfySupervisor:
     def status(self) -> Status:
         with self._lock:
             return self._status_locked()
+
+    def launcher_info(self) -> dict[str, Any] | None:
+        """Fork mode: the launcher's parent (pid) and its last preload report (None before one); None in exec mode."""
+        launcher = self._launcher
+        if launcher is None:
+            return None
+        return {"pid": launcher.pid, "preloaded": launcher.preloaded}
 
     def log_tail(self, n: int = 20) -> list[str]:
         return self._ring.explanatory_tail(n)
@@ -276,7 +288,11 @@ class ComfySupervisor:
         timeout = aiohttp.ClientTimeout(total=None, connect=None)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             self._http = http
-            await self._supervise()
+            try:
+                await self._supervise()
+            finally:
+                if self._launcher is not None:
+                    await self._launcher.close()
 
     async def _supervise(self) -> None:
         problem = self._startup_problem()
@@ -344,14 +360,8 @@ class ComfySupervisor:
             self._missing = ()
         marker = uuid.uuid4().hex
         try:
-            proc = await ComfyProcess.spawn(
-                self._argv(),
-                cwd=str(self.settings.comfyui_dir),
-                env=self.settings.child_env,
-                marker=marker,
-                sink=self._on_line,
-            )
-        except OSError as exc:
+            proc = await self._launch(marker)
+        except (OSError, LaunchError) as exc:
             info = CrashInfo(generation, None, None, None, f"could not be started: {exc}", ())
             self._record_exit(info)
             return info
@@ -360,12 +370,31 @@ class ComfySupervisor:
         log.info("started %s (pid %d, generation %d): %s", self._who, proc.pid, generation, " ".join(self._argv()))
         data_dir = self.settings.data_dir
         # so that a worker started after this one was killed -9 recognises this ComfyUI as ours (leftover.py)
-        await asyncio.to_thread(write_pid_file, data_dir, proc.pid, marker, self.settings.comfyui_port)
+        await asyncio.to_thread(write_pid_file, data_dir, proc.pid, proc.environ_marker,
+                                self.settings.comfyui_port)
         try:
             return await self._supervise_process(proc, generation, required)
         finally:
             proc.close()
             await asyncio.to_thread(remove_pid_file, data_dir, proc.pid)
+
+    async def _launch(self, marker: str) -> ComfyProcess:
+        """Start one ComfyUI: forked from the launcher's parent (COMFYUI_LAUNCH=fork) or exec'd afresh."""
+        s = self.settings
+        if self._launcher is not None:
+            try:
+                return await self._launcher.fork(self._argv(), cwd=str(s.comfyui_dir), env=s.child_env,
+                                                 marker=marker, sink=self._on_line, timeout=s.start_timeout_s)
+            except LaunchError as exc:
+                if self._launcher.forks:
+                    raise  # it has worked here: a failure like a crash (restarted, counted)
+                # never worked with this interpreter (too old, not CPython, ...): exec as before, for good
+                log.warning("fork mode does not work with %s (%s); %s is started with exec from now on",
+                            s.comfyui_python, exc, self._who)
+                await self._launcher.close()
+                self._launcher = None
+        return await ComfyProcess.spawn(self._argv(), cwd=str(s.comfyui_dir), env=s.child_env, marker=marker,
+                                        sink=self._on_line)
 
     async def _supervise_process(self, proc: ComfyProcess, generation: int, required: tuple[str, ...]) -> CrashInfo | None:
         exited = asyncio.ensure_future(proc.wait())
