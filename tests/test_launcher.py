@@ -314,14 +314,14 @@ def test_the_parents_cuda_malloc_decision_is_comfyuis_own(flags: list[str]) -> N
 
     from supervisor.supervision import launcher
 
-    env = {"PATH": "/usr/bin:/bin"}
+    env = {"PATH": "/usr/bin:/bin"}  # -B below: importing zygote by name must leave no __pycache__ in the checkout
     theirs = subprocess.run(
         [comfy.python, "-c", "import os, sys; sys.argv = ['main.py', *sys.argv[1:]]; import comfy.options; "
          "comfy.options.enable_args_parsing(); import cuda_malloc; "
          "print('CONF', os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))", *flags],
         cwd=comfy.comfyui_dir, env=env, capture_output=True, text=True, timeout=120, check=True)
     ours = subprocess.run(
-        [comfy.python, "-c", f"import sys; sys.path.insert(0, {str(launcher.ZYGOTE_SCRIPT.parent)!r}); import zygote; "
+        [comfy.python, "-B", "-c", f"import sys; sys.path.insert(0, {str(launcher.ZYGOTE_SCRIPT.parent)!r}); import zygote; "
          f"print('CONF', zygote.cuda_malloc_env({str(comfy.comfyui_dir)!r}, sys.argv[1:]).get('PYTORCH_CUDA_ALLOC_CONF'))",
          *flags], env=env, capture_output=True, text=True, timeout=120, check=True)
     conf = [line for line in theirs.stdout.splitlines() if line.startswith("CONF ")]
