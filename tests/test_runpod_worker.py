@@ -21,7 +21,7 @@ import pytest
 
 from tests.helpers.api import assert_shape, png_of, seed, seed_models, write_models
 from tests.helpers.runpod_server import API_KEY, RunPodJobServer
-from tests.helpers.worker import WorkerProcess, tree_processes, wait_for, worker_env
+from tests.helpers.worker import WorkerProcess, describe_process, tree_processes, wait_for, worker_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,9 +50,10 @@ def runpod_worker(tmp_path: Path, models: dict[str, list[str]] | None = None,
                     pass
             worker.cleanup()
             leftovers = tree_processes(full["TEST_TREE_ID"])
+            described = [describe_process(proc) for proc in leftovers]
             for proc in leftovers:
                 proc.kill()
-            assert not leftovers, f"processes survived the worker: {leftovers}"
+            assert not leftovers, f"processes survived the worker: {described}"
 
 
 def comfy_requests(tmp_path: Path) -> list[dict[str, Any]]:

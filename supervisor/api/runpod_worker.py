@@ -178,10 +178,18 @@ def _request_stop() -> None:
 def serve_runpod(settings: Settings, supervisor: Any, metrics: WorkerMetrics | None = None) -> int:
     """Run the SDK's worker loop until it ends; the exit code for main()."""
     failed_early = threading.Event()
+    importing_sdk = threading.Event()
+    deferred_exit: list[int] = []
 
     def early_signal(signum: int, _frame: Any) -> None:
         # Before the SDK installs its handlers: nothing was taken yet, so leave at once (atexit stops ComfyUI).
-        raise SystemExit(EXIT_FAILED if failed_early.is_set() else EXIT_OK)
+        # Not in the middle of ``import runpod``: it runs py-cpuinfo's probe as a child process, which an exit
+        # raised there would leave behind.
+        code = EXIT_FAILED if failed_early.is_set() else EXIT_OK
+        if importing_sdk.is_set():
+            deferred_exit.append(code)
+            return
+        raise SystemExit(code)
 
     signal.signal(signal.SIGTERM, early_signal)
     library = WorkflowLibrary.load(settings.workflows_dir)
@@ -200,8 +208,12 @@ def serve_runpod(settings: Settings, supervisor: Any, metrics: WorkerMetrics | N
     if supervisor.status().state is State.FAILED:
         listener(supervisor.status())
 
+    importing_sdk.set()
     import runpod  # noqa: E402 - heavy (~2 s): imported only now, while ComfyUI starts
 
+    importing_sdk.clear()
+    if deferred_exit:
+        raise SystemExit(deferred_exit[-1])
     log.info("RunPod worker loop starting (concurrency %d%s; %d ComfyUI instance(s); %d named workflow(s))",
              settings.max_concurrency, ", refresh worker after each job" if settings.refresh_worker else "",
              settings.instances, len(library.workflows))

@@ -67,6 +67,14 @@ def tree_processes(tree_id: str) -> list[psutil.Process]:
     return found
 
 
+def describe_process(proc: psutil.Process) -> str:
+    """pid, parent and command line: what a test names when a process outlived its worker."""
+    try:
+        return f"pid {proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline())[:300]}"
+    except psutil.Error as exc:
+        return f"pid {proc.pid}: {exc}"
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
