@@ -192,9 +192,7 @@ class FleetJobService(JobService):
                 continue
             job = self.jobs[rec.id] = Job(rec)
             try:
-                await self._run(job, instance)
-            except Exception:  # noqa: BLE001 - the runner must go on
-                log.exception("runner %d: job %s could not be run or recorded", n, job.id)
+                await self._run_guarded(n, job, instance)
             finally:
                 self.dispatcher.release(instance, job.record.status)
 

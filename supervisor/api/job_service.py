@@ -368,15 +368,27 @@ class JobService:
                 self.dispatcher.release(instance, None)
                 continue
             try:
-                await self._run(job, instance)
-            except Exception:  # noqa: BLE001 - e.g. the journal's disk is full: this runner must go on
-                log.exception("runner %d: job %s could not be run or recorded", n, job.id)
-                job.record.status, job.record.error = FAILED, "internal error of the worker (see its log)"
-                job.record.finished_at = time.time()
-                self._count(job.record)
-                job.done.set()
+                await self._run_guarded(n, job, instance)
             finally:
                 self.dispatcher.release(instance, job.record.status)
+
+    async def _run_guarded(self, n: int, job: Job, instance: Instance) -> None:
+        """Run a job; a bug that escapes ``_run`` still ends it FAILED and writes that end (retried until the
+        journal takes it), so no job is left IN_PROGRESS and this runner goes on."""
+        try:
+            await self._run(job, instance)
+        except Exception as exc:  # noqa: BLE001 - the runner must go on
+            log.exception("runner %d: job %s could not be run or recorded", n, job.id)
+            if job.done.is_set():
+                return
+            rec = job.record
+            if not rec.finished:
+                rec.status, rec.output = FAILED, None
+                rec.error = f"Internal error of the worker: {type(exc).__name__}: {exc}"
+                rec.finished_at = time.time()
+            self._keep_unsaved(job)
+            self._count(rec)
+            job.done.set()
 
     async def _until_queued(self) -> bool:
         """Until a job waits in the queue; False when the worker is ending."""
@@ -492,10 +504,14 @@ class JobService:
         except JournalWriteError as exc:
             log.error("job %s %s, but its end is not recorded yet: %s; it is kept in memory and written as soon as "
                       "the journal can be", rec.id, rec.status, exc)
-            self._unsaved[rec.id] = job
-            if self._flusher is None or self._flusher.done():
-                self._flusher = asyncio.create_task(self._flush_unsaved(), name="journal-retry")
+            self._keep_unsaved(job)
             return False
+
+    def _keep_unsaved(self, job: Job) -> None:
+        """Hold a finished job in memory until the journal records its end (``_flush_unsaved`` retries)."""
+        self._unsaved[job.id] = job
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_unsaved(), name="journal-retry")
 
     async def _last_flush(self) -> None:
         """At shutdown, one more try at the ends the journal could not take; say which ones are lost."""
@@ -516,6 +532,9 @@ class JobService:
                     await self.journal.finished(job.record)
                 except JournalWriteError:
                     break  # still full: try again later
+                except Exception:  # noqa: BLE001 - a bug must not end the retries of the other jobs
+                    log.exception("job %s: writing its end failed; trying again", job_id)
+                    break
                 del self._unsaved[job_id]
                 job.record.output = None
                 log.info("job %s: its end (%s) is now recorded in the journal", job_id, job.record.status)

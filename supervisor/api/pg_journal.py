@@ -48,7 +48,9 @@ BUCKET_PATH = "bucket"  # uploads.path of an upload kept in the bucket (uploads/
 STOPPED_MESSAGE = "worker {worker} stopped while the job ran"
 QUEUED_SQL = "SELECT count(*) FROM jobs WHERE status = 'IN_QUEUE'"
 CHANNELS = ("fleet_queue", "fleet_done", "fleet_cancel")
-DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# what a lost or restarting server raises, asyncpg's client-side protocol errors included
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError, OSError,
+             TimeoutError)
 
 MIGRATIONS: dict[int, str] = {
     1: """
