@@ -116,24 +116,28 @@ def test_a_worker_reclaims_its_journal_on_a_schedule(tmp_path: Path) -> None:
     from tests.helpers.api import api_worker
     from tests.helpers.worker import wait_for
 
-    with api_worker(tmp_path, JOURNAL_VACUUM_INTERVAL_S="1", JOB_RETENTION_S="3600") as w:
+    # Each job holds its 2.6 MB input in the journal until it ends: made first, sent together, and slow (2 s in
+    # ImageScale), so that at least three of them are still there when the size is read, however loaded the machine.
+    bodies = []
+    for n in range(4):
+        noise = Image.frombytes("RGB", (800, 800), os.urandom(800 * 800 * 3))
+        buf = io.BytesIO()
+        noise.save(buf, format="PNG")
+        workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
+                    "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
+                                                                 "width": 8, "height": 8, "crop": "disabled"}},
+                    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"v{n}"}}}
+        images = [{"name": "noise.png", "image": base64.b64encode(buf.getvalue()).decode()}]
+        bodies.append({"input": {"workflow": workflow, "images": images}})
+    with api_worker(tmp_path, JOURNAL_VACUUM_INTERVAL_S="1", JOB_RETENTION_S="3600",
+                    STANDIN_NODE_FAULT="ImageScale:sleep:2") as w:
         journal = Path(w.env["DATA_DIR"]) / "jobs.sqlite3"
         wal = journal.with_name("jobs.sqlite3-wal")
 
         def size() -> int:
             return sum(p.stat().st_size for p in (journal, wal) if p.exists())
 
-        ids = []
-        for n in range(4):
-            noise = Image.frombytes("RGB", (800, 800), os.urandom(800 * 800 * 3))
-            buf = io.BytesIO()
-            noise.save(buf, format="PNG")
-            workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": "noise.png"}},
-                        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "nearest-exact",
-                                                                     "width": 8, "height": 8, "crop": "disabled"}},
-                        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "v"}}}
-            images = [{"name": "noise.png", "image": base64.b64encode(buf.getvalue()).decode()}]
-            ids.append(w.api.ok("POST", "/run", {"input": {"workflow": workflow, "images": images}})["id"])
+        ids = [w.api.ok("POST", "/run", body)["id"] for body in bodies]
         peak = size()
         assert peak > 4_000_000, peak
         for job in ids:
