@@ -44,6 +44,7 @@ MODELS = {"alpha": 3 * MIB, "beta": 2 * MIB, "gamma": 1 * MIB}  # manifest order
 NEW_MODEL = ("delta", 1536 * KIB)
 LAYER_MARGIN = 64 * KIB  # tar headers and gzip framing on top of an incompressible file
 MODEL_LAYER_CMD = "COPY /out/models/ /opt/ComfyUI/models/"
+TREE_LAYER_CMD = "COPY / / "  # torch, the worker's venv, ComfyUI's source: copied whole from FROM-scratch stages
 STANDIN_TORCH = "six==1.17.0"  # a small package standing in for torch on the CPU image
 
 
@@ -59,6 +60,7 @@ class Step:
     down_models: int
     fetched: list[str]
     up_model_blobs: dict[str, int] = field(default_factory=dict)
+    up_blobs: dict[str, int] = field(default_factory=dict)
     down_model_blobs: dict[str, int] = field(default_factory=dict)
 
 
@@ -66,6 +68,7 @@ class Step:
 class Pushed:
     layers: list[tuple[str, int]]  # (digest, compressed size), bottom first
     models: list[str]  # the model layers' digests, in manifest order
+    trees: list[str]  # the digests of the layers copied whole from a FROM-scratch stage (TREE_LAYER_CMD)
 
 
 class Rig:
@@ -137,7 +140,7 @@ class Rig:
                     up_total=sum(e.up for e in up), up_models=sum(n for d, n in ups.items() if d in models),
                     down_total=sum(e.down for e in down), down_models=sum(n for d, n in downs.items() if d in models),
                     fetched=fetched, up_model_blobs={d: n for d, n in ups.items() if d in models},
-                    down_model_blobs={d: n for d, n in downs.items() if d in models})
+                    down_model_blobs={d: n for d, n in downs.items() if d in models}, up_blobs=dict(ups))
         self.steps.append(step)
         self.report(f"{change}: built in {step.build_s:.0f} s; pushed {human(step.up_total)} "
                     f"({human(step.up_models)} of models), pulled {human(step.down_total)} "
@@ -157,7 +160,8 @@ class Rig:
         made = [h for h in config["history"] if not h.get("empty_layer")]
         assert len(made) == len(layers), (len(made), len(layers))
         models = [digest for (digest, _), h in zip(layers, made) if h.get("created_by", "").startswith(MODEL_LAYER_CMD)]
-        return Pushed(layers=layers, models=models)
+        trees = [digest for (digest, _), h in zip(layers, made) if h.get("created_by", "").startswith(TREE_LAYER_CMD)]
+        return Pushed(layers=layers, models=models, trees=trees)
 
 
 def payload(size: int, seed: int) -> bytes:
@@ -247,8 +251,11 @@ def test_a_change_moves_only_its_own_layers(rig: Rig, report: Callable[[str], No
     rig.torch = STANDIN_TORCH
     no_model_bytes(f"TORCH_PACKAGES={STANDIN_TORCH}", lambda: None)
 
-    # One model changes: only its layer is new and uploaded; the others keep their digests.
+    # One model changes: only its layer is new and uploaded; the others keep their digests. The build re-runs
+    # every step above it, but torch, the worker's venv and ComfyUI's source come out byte for byte the same:
+    # none of them is uploaded again.
     before = rig.pushed[-1].models
+    trees = rig.pushed[-1].trees
     rig.set_model("beta", payload(MODELS["beta"], seed=seed + 100))
     step = rig.cycle("one model (beta, the 2nd of 3)")
     after = rig.pushed[-1].models
@@ -257,6 +264,8 @@ def test_a_change_moves_only_its_own_layers(rig: Rig, report: Callable[[str], No
     assert changed == [1], (before, after)
     sizes = dict(rig.pushed[-1].layers)
     assert step.up_model_blobs == {after[1]: sizes[after[1]]}, step.up_model_blobs
+    assert len(trees) == 3 and rig.pushed[-1].trees == trees, (trees, rig.pushed[-1].trees)
+    assert not set(trees) & set(step.up_blobs), "a layer above the models was uploaded again"
     # A docker pull keeps a layer only when every layer below it is the same (dockerd's layer store is a chain):
     # the model layers above the changed one come again; none below it.
     assert set(step.down_model_blobs) <= set(after[1:]) and after[1] in step.down_model_blobs, step.down_model_blobs
@@ -271,6 +280,7 @@ def test_a_change_moves_only_its_own_layers(rig: Rig, report: Callable[[str], No
     assert after[:-1] == before and len(after) == len(before) + 1, (before, after)
     sizes = dict(rig.pushed[-1].layers)
     assert step.up_model_blobs == {after[-1]: sizes[after[-1]]}, step.up_model_blobs
+    assert rig.pushed[-1].trees == trees and not set(trees) & set(step.up_blobs)
     assert step.down_model_blobs == {after[-1]: sizes[after[-1]]}, step.down_model_blobs
     assert sizes[after[-1]] <= NEW_MODEL[1] + LAYER_MARGIN
     report(f"registry layer test: {len(rig.steps)} builds, pushes and pulls in {time.monotonic() - started:.0f} s")
