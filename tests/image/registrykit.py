@@ -7,6 +7,10 @@
   (response): the bytes are measured on the wire at the registry, not computed from manifests.
 * :class:`PullerEngine`: a second dockerd (its own data root, socket, containerd and bridge) standing for
   a RunPod worker that has the previous tag: ``docker pull`` of the new tag there downloads what it lacks.
+  dockerd 20.10 keeps images in its classic layer store, which reuses a layer only on an unchanged chain below it.
+* :class:`ContainerdPuller`: a containerd of its own (Debian's, the one dockerd runs on) pulling with ``ctr``:
+  a content-addressed store, as Docker Engine's containerd image store and Kubernetes nodes have, which fetches
+  every blob it does not have by digest, wherever the layer sits.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from tests.image.imagekit import DOCKER_CLI, stop_process, wait_for
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 DOCKERD = "/usr/sbin/dockerd"
+CONTAINERD = "/usr/bin/containerd"
+CTR = "/usr/bin/ctr"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
                "proxy-authenticate", "content-length"}
 BLOB_GET = re.compile(r"^/v2/.+/blobs/(sha256:[0-9a-f]{64})$")
@@ -238,5 +244,59 @@ class PullerEngine:
             subprocess.run(["rm", "-rf", str(self.root / "data"), str(self.root / "exec")], check=False)
 
 
+class ContainerdPuller:
+    """containerd with its own root, state and socket; ``pull`` is ``ctr images pull`` (fetch and unpack)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket = root / "containerd.sock"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ContainerdPuller:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.toml"
+        config.write_text(f"""version = 2
+root = "{self.root / 'root'}"
+state = "{self.root / 'state'}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{self.socket}"
+[ttrpc]
+  address = "{self.socket}.ttrpc"
+[debug]
+  address = "{self.root / 'debug.sock'}"
+""")
+        self._log = (self.root / "containerd.log").open("wb")
+        self._proc = subprocess.Popen([CONTAINERD, "--config", str(config)], stdout=self._log, stderr=self._log,
+                                      start_new_session=True)
+        wait_for(self._answers, 30, f"the puller containerd (log: {self.root / 'containerd.log'})", interval=0.2)
+        return self
+
+    def _answers(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise AssertionError(f"the puller containerd exited: {(self.root / 'containerd.log').read_text()[-1500:]}")
+        return self.ctr("version", check=False).returncode == 0
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([CTR, "--address", str(self.socket), "--namespace", "pull-test", *args], text=True,
+                              capture_output=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"ctr {' '.join(args)} failed: {proc.stderr[-1500:]}")
+        return proc
+
+    def pull(self, ref: str) -> None:
+        """Fetch what the store lacks and unpack it, as a node does before it runs the image (plain HTTP: loopback)."""
+        self.ctr("images", "pull", "--plain-http", ref)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_process(self._proc, 30)
+            self._proc = None
+            self._log.close()
+            subprocess.run(["sh", "-c", f"grep ' {self.root}/' /proc/mounts | cut -d' ' -f2 | xargs -r umount -l"],
+                           check=False, capture_output=True)
+            subprocess.run(["rm", "-rf", str(self.root / "root"), str(self.root / "state")], check=False)
+
+
 def have_registry() -> bool:
-    return Path(REGISTRY_BIN).exists() and shutil.which(DOCKERD) is not None
+    return Path(REGISTRY_BIN).exists() and shutil.which(DOCKERD) is not None and Path(CTR).exists()

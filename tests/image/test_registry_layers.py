@@ -3,7 +3,7 @@
 The CPU variant of docker/Dockerfile (stand-in ComfyUI, a git node pack, small generated models from the loopback
 hub) is built with `make build` (so with one layer per model, scripts/model_layers.py), pushed with `make push`
 through a counting proxy to Debian's docker-registry on loopback, and pulled by a second engine that has the
-previous tag. Then one thing changes at a time -- the worker's code, a workflow, the node pack, the ComfyUI
+previous tag (dockerd's classic layer store) and by a containerd that has it (a content-addressed store). Then one thing changes at a time -- the worker's code, a workflow, the node pack, the ComfyUI
 source, TORCH_PACKAGES (a small stand-in package), one model, a new model -- and the bytes each push uploads and
 each pull downloads are counted at the proxy, split into model layers and the rest. The table is printed (and
 written to the session's work folder); docs/image.md shows it.
@@ -27,6 +27,7 @@ import pytest
 from tests.hubserver.harness import HubServer, sha256_of
 from tests.image.imagekit import DOCKER_CLI, ROOT, GitPackServer, make_build_args, run_build, stage_context
 from tests.image.registrykit import (
+    ContainerdPuller,
     CountingProxy,
     PullerEngine,
     Registry,
@@ -59,6 +60,10 @@ class Step:
     down_total: int
     down_models: int
     fetched: list[str]
+    ctr_total: int = 0  # bytes the containerd puller downloaded
+    ctr_models: int = 0
+    ctr_blobs: dict[str, int] = field(default_factory=dict)
+    ctr_model_blobs: dict[str, int] = field(default_factory=dict)
     up_model_blobs: dict[str, int] = field(default_factory=dict)
     up_blobs: dict[str, int] = field(default_factory=dict)
     down_model_blobs: dict[str, int] = field(default_factory=dict)
@@ -75,8 +80,9 @@ class Rig:
     """The staged context, the servers, and the build -> push -> pull cycle of one change."""
 
     def __init__(self, work: Path, hub: HubServer, pack: GitPackServer, registry: Registry, proxy: CountingProxy,
-                 puller: PullerEngine, report: Callable[[str], None]) -> None:
+                 puller: PullerEngine, ctr: ContainerdPuller, report: Callable[[str], None]) -> None:
         self.work, self.hub, self.pack, self.registry, self.proxy, self.puller = work, hub, pack, registry, proxy, puller
+        self.ctr = ctr
         self.report = report
         self.models: dict[str, bytes] = {}
         self.torch = ""
@@ -132,19 +138,25 @@ class Rig:
         self.puller.docker("pull", ref)
         down = self.proxy.take()
         t2 = time.monotonic()
+        self.ctr.pull(ref)
+        by_ctr = self.proxy.take()
         pushed = self.manifest(tag)
         self.pushed.append(pushed)
-        ups, downs = uploaded_blobs(up), downloaded_blobs(down)
+        ups, downs, ctr_blobs = uploaded_blobs(up), downloaded_blobs(down), downloaded_blobs(by_ctr)
         models = set(pushed.models)
         step = Step(change=change, build_s=build.seconds, push_s=t1 - t0, pull_s=t2 - t1,
                     up_total=sum(e.up for e in up), up_models=sum(n for d, n in ups.items() if d in models),
                     down_total=sum(e.down for e in down), down_models=sum(n for d, n in downs.items() if d in models),
                     fetched=fetched, up_model_blobs={d: n for d, n in ups.items() if d in models},
-                    down_model_blobs={d: n for d, n in downs.items() if d in models}, up_blobs=dict(ups))
+                    down_model_blobs={d: n for d, n in downs.items() if d in models}, up_blobs=dict(ups),
+                    ctr_total=sum(e.down for e in by_ctr), ctr_blobs=ctr_blobs,
+                    ctr_models=sum(n for d, n in ctr_blobs.items() if d in models),
+                    ctr_model_blobs={d: n for d, n in ctr_blobs.items() if d in models})
         self.steps.append(step)
         self.report(f"{change}: built in {step.build_s:.0f} s; pushed {human(step.up_total)} "
                     f"({human(step.up_models)} of models), pulled {human(step.down_total)} "
-                    f"({human(step.down_models)} of models); fetched from the hub: {', '.join(fetched) or 'nothing'}")
+                    f"({human(step.down_models)} of models), pulled by containerd {human(step.ctr_total)} "
+                    f"({human(step.ctr_models)} of models); fetched from the hub: {', '.join(fetched) or 'nothing'}")
         return step
 
     def manifest(self, tag: str) -> Pushed:
@@ -175,9 +187,11 @@ def human(n: int) -> str:
 
 def table(steps: list[Step]) -> str:
     rows = ["| change | build, push, pull (s) | pushed: all | pushed: models | pulled: all | pulled: models | "
-            "fetched from the hub |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+            "containerd pulled: all | containerd pulled: models | fetched from the hub |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     rows += [f"| {s.change} | {s.build_s:.0f}, {s.push_s:.0f}, {s.pull_s:.0f} | {human(s.up_total)} | "
-             f"{human(s.up_models)} | {human(s.down_total)} | {human(s.down_models)} | {', '.join(s.fetched) or '-'} |"
+             f"{human(s.up_models)} | {human(s.down_total)} | {human(s.down_models)} | {human(s.ctr_total)} | "
+             f"{human(s.ctr_models)} | {', '.join(s.fetched) or '-'} |"
              for s in steps]
     return "\n".join(rows)
 
@@ -195,7 +209,8 @@ def rig(engine: Any, base_image: str, tmp_path_factory: pytest.TempPathFactory,
     registry = Registry(work / "registry").start()
     proxy = CountingProxy(registry.port).start()
     puller = PullerEngine(work / "puller").start()
-    rig = Rig(work, hub, pack, registry, proxy, puller, report)
+    ctr = ContainerdPuller(work / "ctr-puller").start()
+    rig = Rig(work, hub, pack, registry, proxy, puller, ctr, report)
     try:
         yield rig
     finally:
@@ -203,6 +218,7 @@ def rig(engine: Any, base_image: str, tmp_path_factory: pytest.TempPathFactory,
         report(f"the table ({work / 'table.md'}):\n{table(rig.steps)}")
         for ref in rig.tags:
             subprocess.run([DOCKER_CLI, "image", "rm", ref], capture_output=True)
+        ctr.stop()
         puller.stop()
         proxy.stop()
         registry.stop()
@@ -237,7 +253,7 @@ def test_a_change_moves_only_its_own_layers(rig: Rig, report: Callable[[str], No
         edit()
         step = rig.cycle(change)
         assert rig.pushed[-1].models == before, f"{change}: the model layers' digests changed"
-        assert step.up_models == 0 and step.down_models == 0, step
+        assert step.up_models == 0 and step.down_models == 0 and step.ctr_models == 0, step
         assert step.fetched == [], f"{change}: the build fetched {step.fetched}"
         assert step.up_total > 0 and step.down_total > 0, f"{change}: nothing moved at all; did the change land? {step}"
 
@@ -270,6 +286,9 @@ def test_a_change_moves_only_its_own_layers(rig: Rig, report: Callable[[str], No
     # the model layers above the changed one come again; none below it.
     assert set(step.down_model_blobs) <= set(after[1:]) and after[1] in step.down_model_blobs, step.down_model_blobs
     assert after[0] not in step.down_model_blobs
+    # containerd fetches by digest: the changed model's layer, no other model, and none of the three trees
+    assert step.ctr_model_blobs == {after[1]: sizes[after[1]]}, step.ctr_model_blobs
+    assert not set(trees) & set(step.ctr_blobs), "containerd downloaded a layer above the models again"
 
     # A new model, last in models.yaml: the build fetches only it; only its layer moves.
     rig.set_model(NEW_MODEL[0], payload(NEW_MODEL[1], seed=seed + 200))
@@ -282,5 +301,6 @@ def test_a_change_moves_only_its_own_layers(rig: Rig, report: Callable[[str], No
     assert step.up_model_blobs == {after[-1]: sizes[after[-1]]}, step.up_model_blobs
     assert rig.pushed[-1].trees == trees and not set(trees) & set(step.up_blobs)
     assert step.down_model_blobs == {after[-1]: sizes[after[-1]]}, step.down_model_blobs
+    assert step.ctr_model_blobs == {after[-1]: sizes[after[-1]]} and not set(trees) & set(step.ctr_blobs)
     assert sizes[after[-1]] <= NEW_MODEL[1] + LAYER_MARGIN
     report(f"registry layer test: {len(rig.steps)} builds, pushes and pulls in {time.monotonic() - started:.0f} s")
