@@ -36,6 +36,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
 from supervisor.config import load_settings  # noqa: E402
+from supervisor.supervision.process import restore_default_sigint  # noqa: E402
 from supervisor.supervision.supervisor import ComfySupervisor  # noqa: E402
 from tests.helpers.standin import free_port, free_port_run  # noqa: E402
 
@@ -874,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launch-only", action="store_true",
                         help="only the launch figures (exec vs fork), printed and written to --json; docs untouched")
     args = parser.parse_args(argv)
+    restore_default_sigint()  # the ComfyUIs measured here are stopped with SIGINT
     benches = [BenchEnv.standin(args.quick)]
     real = BenchEnv.real(args.quick)
     if real is None:

@@ -27,6 +27,7 @@ from supervisor.metrics import WorkerMetrics
 from supervisor.supervision.pool import ComfyPool
 from supervisor.supervision.leftover import stop_leftovers
 from supervisor.supervision.ports import first_port_problem
+from supervisor.supervision.process import restore_default_sigint
 
 log = logging.getLogger("supervisor.main")
 
@@ -42,7 +43,7 @@ def main() -> int:
         print(f"comfyui-worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings.log_level)
-    _default_sigint()
+    restore_default_sigint()
     refusal = _listen_refusal(settings)
     if refusal:
         print(f"comfyui-worker: invalid configuration: {refusal}", file=sys.stderr)
@@ -83,9 +84,3 @@ def _listen_refusal(settings: Settings) -> str | None:
 def _exit_on_sigterm(_signum: int, _frame: object) -> None:
     """SIGTERM during start-up: leave cleanly (atexit stops ComfyUI) instead of dying and orphaning it."""
     raise SystemExit(EXIT_OK)
-
-
-def _default_sigint() -> None:
-    """A worker started in the background by a shell inherits SIGINT as ignored, and so would ComfyUI."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -4,13 +4,13 @@ ComfyUI a test runs against, parametrised over the stand-in and the real one (ma
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from supervisor.supervision.process import restore_default_sigint
 from tests.helpers.checkout import cache_home, checkout_entries
 from tests.helpers.comfy_targets import STANDIN_TARGET, ComfyTarget, real_target, start_comfyui
 from tests.helpers.standin import StandIn, start_standin
@@ -23,16 +23,9 @@ CHECKOUT_WRITTEN = pytest.StashKey[list[str]]()
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[CHECKOUT_BEFORE] = checkout_entries()
-    restore_sigint()
-
-
-def restore_sigint() -> None:
-    """A suite started in the background of a non-interactive shell (``make test &``, nohup) inherits SIGINT
-    ignored, and every process a test starts would inherit that too: stand-ins and workers would then ignore
-    the SIGINT that stops them cleanly (a stop took its 5 s SIGKILL fallback; a SIGINT test hung). The worker
-    restores it for itself (supervisor/main.py); the suite does the same for the processes it starts."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A suite started in the background of a non-interactive shell (``make test &``, nohup) inherits SIGINT
+    # ignored, and so would every stand-in and worker a test starts: they would ignore the SIGINT that stops them.
+    restore_default_sigint()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
