@@ -45,7 +45,8 @@ MODELS = {"alpha": 3 * MIB, "beta": 2 * MIB, "gamma": 1 * MIB}  # manifest order
 NEW_MODEL = ("delta", 1536 * KIB)
 LAYER_MARGIN = 64 * KIB  # tar headers and gzip framing on top of an incompressible file
 MODEL_LAYER_CMD = "COPY /out/models/ /opt/ComfyUI/models/"
-TREE_LAYER_CMD = "COPY / / "  # torch, the worker's venv, ComfyUI's source: copied whole from FROM-scratch stages
+TREE_LAYER_CMD = "COPY / / "  # the worker's venv and ComfyUI's source, copied whole from FROM-scratch stages
+TORCH_LAYER_MARK = "python3 -m venv /opt/venv/comfyui"  # the reproducible torch step
 STANDIN_TORCH = "six==1.17.0"  # a small package standing in for torch on the CPU image
 
 
@@ -73,7 +74,8 @@ class Step:
 class Pushed:
     layers: list[tuple[str, int]]  # (digest, compressed size), bottom first
     models: list[str]  # the model layers' digests, in manifest order
-    trees: list[str]  # the digests of the layers copied whole from a FROM-scratch stage (TREE_LAYER_CMD)
+    trees: list[str]  # the digests of the big layers above the models that a model change must not move:
+    # torch's step and the two copied whole from FROM-scratch stages
 
 
 class Rig:
@@ -172,7 +174,8 @@ class Rig:
         made = [h for h in config["history"] if not h.get("empty_layer")]
         assert len(made) == len(layers), (len(made), len(layers))
         models = [digest for (digest, _), h in zip(layers, made) if h.get("created_by", "").startswith(MODEL_LAYER_CMD)]
-        trees = [digest for (digest, _), h in zip(layers, made) if h.get("created_by", "").startswith(TREE_LAYER_CMD)]
+        trees = [digest for (digest, _), h in zip(layers, made)
+                 if h.get("created_by", "").startswith(TREE_LAYER_CMD) or TORCH_LAYER_MARK in h.get("created_by", "")]
         return Pushed(layers=layers, models=models, trees=trees)
 
 
@@ -268,8 +271,8 @@ def test_a_change_moves_only_its_own_layers(rig: Rig, report: Callable[[str], No
     no_model_bytes(f"TORCH_PACKAGES={STANDIN_TORCH}", lambda: None)
 
     # One model changes: only its layer is new and uploaded; the others keep their digests. The build re-runs
-    # every step above it, but torch, the worker's venv and ComfyUI's source come out byte for byte the same:
-    # none of them is uploaded again.
+    # every step above it, but torch's step, the worker's venv and ComfyUI's source come out byte for byte the
+    # same: none of them is uploaded again.
     before = rig.pushed[-1].models
     trees = rig.pushed[-1].trees
     rig.set_model("beta", payload(MODELS["beta"], seed=seed + 100))
