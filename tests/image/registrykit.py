@@ -197,13 +197,52 @@ def downloaded_blobs(exchanges: list[Exchange]) -> dict[str, int]:
     return out
 
 
-class PullerEngine:
-    """A second dockerd with its own data root and socket: a machine that pulls the tags the test pushes."""
+class _Daemon:
+    """A daemon of the test's own (its root folder, its socket, its log): started, asked whether it answers, stopped."""
+
+    name = ""  # e.g. "dockerd": names the log file and the errors
+    socket_name = ""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.socket = root / "docker.sock"
+        self.socket = root / self.socket_name
+        self.log_path = root / f"{self.name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, argv: list[str], timeout: float, interval: float) -> None:
+        self._log = self.log_path.open("wb")
+        self._proc = subprocess.Popen(argv, stdout=self._log, stderr=self._log, start_new_session=True)
+        wait_for(self._answers, timeout, f"the puller {self.name} (log: {self.log_path})", interval=interval)
+
+    def _answers(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise AssertionError(f"the puller {self.name} exited: {self.log_path.read_text()[-1500:]}")
+        return self._ping()
+
+    def _ping(self) -> bool:
+        raise NotImplementedError
+
+    def _run(self, argv: list[str], what: str, check: bool, timeout: float,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(argv, text=True, capture_output=True, timeout=timeout, env=env)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{what} failed: {proc.stderr[-1500:]}")
+        return proc
+
+    def _halt(self) -> bool:
+        """Stop the daemon; whether it was running (the caller then removes what it left)."""
+        if self._proc is None:
+            return False
+        stop_process(self._proc, 30)
+        self._proc = None
+        self._log.close()
+        return True
+
+
+class PullerEngine(_Daemon):
+    """A second dockerd with its own data root and socket: a machine that pulls the tags the test pushes."""
+
+    name, socket_name = "dockerd", "docker.sock"
 
     def start(self) -> PullerEngine:
         for sub in ("data", "exec"):
@@ -213,44 +252,30 @@ class PullerEngine:
         subnet = f"10.213.{secrets.randbelow(250) + 1}.1/24"
         subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
         subprocess.run(["ip", "addr", "add", subnet, "dev", self.bridge], check=True)
-        self._log = (self.root / "dockerd.log").open("wb")
-        self._proc = subprocess.Popen(
-            [DOCKERD, f"--data-root={self.root / 'data'}", f"--exec-root={self.root / 'exec'}",
-             f"--pidfile={self.root / 'dockerd.pid'}", f"--host=unix://{self.socket}", f"--bridge={self.bridge}",
-             "--iptables=false", "--ip-masq=false", "--storage-driver=overlay2", "--max-concurrent-downloads=3"],
-            stdout=self._log, stderr=self._log, start_new_session=True)
-        wait_for(self._answers, 60, f"the puller dockerd (log: {self.root / 'dockerd.log'})", interval=0.3)
+        self._spawn([DOCKERD, f"--data-root={self.root / 'data'}", f"--exec-root={self.root / 'exec'}",
+                     f"--pidfile={self.root / 'dockerd.pid'}", f"--host=unix://{self.socket}",
+                     f"--bridge={self.bridge}", "--iptables=false", "--ip-masq=false", "--storage-driver=overlay2",
+                     "--max-concurrent-downloads=3"], timeout=60, interval=0.3)
         return self
 
-    def _answers(self) -> bool:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise AssertionError(f"the puller dockerd exited: {(self.root / 'dockerd.log').read_text()[-1500:]}")
+    def _ping(self) -> bool:
         return self.docker("info", check=False).returncode == 0
 
     def docker(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([DOCKER_CLI, "-H", f"unix://{self.socket}", *args], text=True, capture_output=True,
-                              timeout=timeout, env={**os.environ, "DOCKER_BUILDKIT": "0"})
-        if check and proc.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} on the puller engine failed: {proc.stderr[-1500:]}")
-        return proc
+        return self._run([DOCKER_CLI, "-H", f"unix://{self.socket}", *args], f"docker {' '.join(args)} on the puller "
+                         "engine", check, timeout, env={**os.environ, "DOCKER_BUILDKIT": "0"})
 
     def stop(self) -> None:
-        if self._proc is not None:
-            stop_process(self._proc, 30)
-            self._proc = None
-            self._log.close()
+        if self._halt():
             subprocess.run(["ip", "link", "delete", self.bridge], check=False, capture_output=True)
             # overlay mounts are gone with the engine; the data root can go
             subprocess.run(["rm", "-rf", str(self.root / "data"), str(self.root / "exec")], check=False)
 
 
-class ContainerdPuller:
+class ContainerdPuller(_Daemon):
     """containerd with its own root, state and socket; ``pull`` is ``ctr images pull`` (fetch and unpack)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.socket = root / "containerd.sock"
-        self._proc: subprocess.Popen[bytes] | None = None
+    name, socket_name = "containerd", "containerd.sock"
 
     def start(self) -> ContainerdPuller:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -266,33 +291,22 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [debug]
   address = "{self.root / 'debug.sock'}"
 """)
-        self._log = (self.root / "containerd.log").open("wb")
-        self._proc = subprocess.Popen([CONTAINERD, "--config", str(config)], stdout=self._log, stderr=self._log,
-                                      start_new_session=True)
-        wait_for(self._answers, 30, f"the puller containerd (log: {self.root / 'containerd.log'})", interval=0.2)
+        self._spawn([CONTAINERD, "--config", str(config)], timeout=30, interval=0.2)
         return self
 
-    def _answers(self) -> bool:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise AssertionError(f"the puller containerd exited: {(self.root / 'containerd.log').read_text()[-1500:]}")
+    def _ping(self) -> bool:
         return self.ctr("version", check=False).returncode == 0
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([CTR, "--address", str(self.socket), "--namespace", "pull-test", *args], text=True,
-                              capture_output=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"ctr {' '.join(args)} failed: {proc.stderr[-1500:]}")
-        return proc
+        return self._run([CTR, "--address", str(self.socket), "--namespace", "pull-test", *args],
+                         f"ctr {' '.join(args)}", check, timeout)
 
     def pull(self, ref: str) -> None:
         """Fetch what the store lacks and unpack it, as a node does before it runs the image (plain HTTP: loopback)."""
         self.ctr("images", "pull", "--plain-http", ref)
 
     def stop(self) -> None:
-        if self._proc is not None:
-            stop_process(self._proc, 30)
-            self._proc = None
-            self._log.close()
+        if self._halt():
             subprocess.run(["sh", "-c", f"grep ' {self.root}/' /proc/mounts | cut -d' ' -f2 | xargs -r umount -l"],
                            check=False, capture_output=True)
             subprocess.run(["rm", "-rf", str(self.root / "root"), str(self.root / "state")], check=False)
