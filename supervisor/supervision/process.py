@@ -22,14 +22,6 @@ import psutil
 
 log = logging.getLogger("supervisor.process")
 
-
-def restore_default_sigint() -> None:
-    """ComfyUI is stopped with SIGINT, and an ignored SIGINT survives exec: a worker, benchmark or test session
-    started in the background of a non-interactive shell inherits SIGINT ignored, and would pass that on to every
-    ComfyUI it starts (each stop then waits for its SIGTERM escalation). Call it from the main thread, first."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
 TREE_MARKER_VAR = "COMFY_WORKER_TREE"
 # what ComfyUI prints for every prompt, whatever happens: never the line that explains a crash
 ROUTINE_LINE = re.compile(r"\s*(got prompt|Prompt executed in [0-9.:]+( seconds)?)\s*$")
@@ -47,6 +39,14 @@ class ExitStatus:
     @classmethod
     def from_returncode(cls, code: int) -> "ExitStatus":
         return cls(None, -code) if code < 0 else cls(code, None)
+
+
+def restore_default_sigint() -> None:
+    """ComfyUI is stopped with SIGINT, and an ignored SIGINT survives exec: a worker, benchmark or test session
+    started in the background of a non-interactive shell inherits SIGINT ignored, and would pass that on to every
+    ComfyUI it starts (each stop then waits for its SIGTERM escalation). Call it from the main thread, first."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class LogRing:
